@@ -1,0 +1,225 @@
+"""The mathematics of PPO for language models, as pure tensor functions.
+
+No models, no configs, no I/O: every function takes tensors and scalars and returns tensors (plus, for the
+losses, a small NamedTuple of statistics). Shape vocabulary: ``B`` sequences, ``T`` response tokens,
+``V`` vocabulary. Per-token tensors are ``[B, T]`` and come with a ``mask`` (bool or 0/1) that is 1 for real
+response tokens up to and including EOS and 0 for the padding after it.
+
+References: Schulman et al. 2017 (PPO), Schulman et al. 2015 (GAE), Ziegler et al. 2019 (KL-penalised
+rewards, adaptive KL controller), http://joschu.net/blog/kl-approx.html (k1/k3 estimators), and the
+"N implementation details of RLHF with PPO" write-ups (Huang et al. 2023-2024).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------- masks
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` where ``mask`` is set (over everything, or along ``dim``)."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() if dim is None else (x * m).sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is set. An all-masked input gives 0, not NaN."""
+    m = mask.to(x.dtype)
+    total = m.sum() if dim is None else m.sum(dim)
+    return masked_sum(x, m, dim) / total.clamp(min=1.0)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected by default, as numpy's ``ddof=1``)."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = masked_mean(x, m)
+    var = masked_mean((x - mean) ** 2, m)
+    if unbiased:
+        var = var * n / (n - 1).clamp(min=1.0)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``x`` to unit variance over the masked positions; zero mean too unless ``shift_mean`` is False.
+
+    Positions outside the mask are returned as 0 so that padding never leaks into a later sum.
+    """
+    m = mask.to(x.dtype)
+    mean, var = masked_mean(x, m), masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+# ------------------------------------------------------------------------------------------ logprobs
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(token) under ``softmax(logits / temperature)``: ``[B, T, V], [B, T] -> [B, T]``.
+
+    Gathers the chosen logit and subtracts the log-partition instead of materialising a second
+    ``[B, T, V]`` log-softmax tensor, which halves peak memory for large vocabularies.
+    The temperature must be the sampling temperature, so that rollout and loss use the same distribution.
+    """
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    chosen = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return chosen - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` per position: ``[B, T, V] -> [B, T]``.
+
+    H = logsumexp(z) - sum_v p_v z_v, which is exact and never takes log(0); entries masked with -inf
+    contribute 0 (not 0 * -inf).
+    """
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - torch.where(p > 0, p * z, 0.0).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------ KL
+
+
+def kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k1 = log p - log q per token: unbiased for KL(p||q) on samples from p, but can be negative."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k3 = (r - 1) - log r with r = q/p: unbiased for KL(p||q) and never negative
+    (http://joschu.net/blog/kl-approx.html)."""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token reward of RLHF: ``-kl_coef * kl`` on every real token, plus the sequence score at the last one.
+
+    ``scores``: ``[B]``; ``kl``, ``mask``: ``[B, T]``. A row with no real token gets no score (it has nowhere
+    to go); the caller decides how to treat such rows. Returns ``[B, T]``, 0 after EOS.
+    """
+    m = mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    lengths = m.sum(-1).long()
+    last = (lengths - 1).clamp(min=0)
+    has_token = (lengths > 0).to(kl.dtype)
+    bonus = torch.zeros_like(rewards).scatter(1, last.unsqueeze(1), (scores.to(kl.dtype) * has_token).unsqueeze(1))
+    return rewards + bonus
+
+
+# ----------------------------------------------------------------------------------------------- GAE
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the response tokens (Schulman et al. 2015).
+
+    ``rewards``, ``values``, ``mask``: ``[B, T]``. The episode ends after the last real token, so the value
+    bootstrapped there is 0. Returns ``(advantages, returns)``, both ``[B, T]`` and 0 after EOS;
+    ``returns = advantages + values`` is the value target. Advantages are raw: whitening is the caller's.
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    rewards = rewards * m
+    T = rewards.shape[1]
+    last_gae = torch.zeros_like(rewards[:, 0])
+    advantages = torch.zeros_like(rewards)
+    for t in reversed(range(T)):
+        next_mask = m[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
+        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = delta + gamma * lam * next_mask * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * m
+    return advantages, (advantages + values) * m
+
+
+# -------------------------------------------------------------------------------------------- losses
+
+
+class PolicyStats(NamedTuple):
+    clipfrac: Tensor  # fraction of tokens where the clipped branch was taken
+    approx_kl: Tensor  # k3 estimate of KL(old || new) on the minibatch
+    ratio_mean: Tensor
+
+
+class ValueStats(NamedTuple):
+    clipfrac: Tensor  # fraction of tokens where the clipped value branch was taken
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float
+) -> tuple[Tensor, PolicyStats]:
+    """Clipped surrogate objective, negated for minimisation:
+    ``L = -E[min(r A, clip(r, 1 - eps, 1 + eps) A)]`` with ``r = exp(logprobs - old_logprobs)``,
+    averaged over the real tokens of the minibatch.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = PolicyStats(
+            clipfrac=masked_mean((clipped > unclipped).float(), mask),
+            approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            ratio_mean=masked_mean(ratio, mask),
+        )
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range: float
+) -> tuple[Tensor, ValueStats]:
+    """Clipped value loss: ``0.5 * E[max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)]``."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_err = (values - returns) ** 2
+    clipped_err = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    with torch.no_grad():
+        stats = ValueStats(clipfrac=masked_mean((clipped_err > unclipped_err).float(), mask))
+    return loss, stats
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """1 - Var[R - v] / Var[R] over real tokens: 1 is a perfect critic, 0 a constant one, < 0 worse than that."""
+    var_returns = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+
+
+# ----------------------------------------------------------------------------------- KL controllers
+
+
+class FixedKLController:
+    """A constant KL coefficient ``beta``."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Adaptive ``beta`` of Ziegler et al. 2019: ``beta *= 1 + clip(KL/target - 1, -0.2, 0.2) * n / horizon``,
+    where ``n`` is the number of samples (sequences) seen since the last update."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        super().__init__(kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon

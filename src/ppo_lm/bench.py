@@ -1,0 +1,119 @@
+"""``ppo-lm bench``: time PPO iterations on the fixed configuration that ``../shared/peers/trl_ppo`` runs for
+TRL's PPOTrainer, so the two can be compared side by side.
+
+Configuration: random-init GPT-2 policy ("tiny": 4 layers, 256 hidden, vocab 8192; "small": the GPT-2 124M
+shape) with the value head on its trunk; reward = a random-init GPT-2 sequence classifier (1 label), as the
+peer; 64 prompts of 16 words per iteration from 256 fixed synthetic prompts; 32 new tokens, never stopping at
+EOS; 4 epochs x 4 minibatches; lr 1e-5, kl_coef 0.05 (k1), gamma 1, lambda 0.95, clip 0.2/0.2, vf_coef 0.1;
+fp32. The models are built in a child process so that their construction does not count in peak RSS.
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import resource
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Same word list and prompt recipe as the peer scaffolding, so both see identical prompts.
+WORDS = (
+    "the a an of to in and or for with on at by from about into over under after before "
+    "cat dog bird fish horse robot model agent student teacher doctor farmer pilot river "
+    "mountain city village forest ocean desert garden kitchen library market station "
+    "runs jumps writes reads builds paints sings thinks walks swims flies cooks learns "
+    "red blue green small large quick slow happy sad bright dark quiet loud old new "
+    "today tomorrow yesterday morning evening night always never often sometimes "
+    "story poem question answer reason plan idea problem solution number letter word"
+).split()
+
+SHAPES = {
+    "tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128),
+    "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
+}
+
+
+def synthetic_prompts(n: int = 256, words_per_prompt: int = 16, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(words_per_prompt)) for _ in range(n)]
+
+
+def build_models(root: str, size: str) -> None:
+    """Policy and reward model folders for ``size`` (run in a child process)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from . import toy
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = toy.word_tokenizer(WORDS)
+    shape = dict(SHAPES[size])
+    policy = toy.gpt2(tok, seed=1, **shape)
+    toy.save_model(policy, tok, Path(root) / "policy")
+    config = GPT2Config(num_labels=1, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id, **shape)
+    torch.manual_seed(3)
+    toy.save_model(GPT2ForSequenceClassification(config), tok, Path(root) / "reward")
+
+
+def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str):
+    from .config import config_from_dict
+
+    return config_from_dict({
+        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}},
+        "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
+                    "top_p": 1.0},
+        "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
+        "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0,
+                "gae_lambda": 0.95, "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1,
+                "max_grad_norm": 1.0},
+        "train": {"output_dir": out_dir, "iterations": iterations, "seed": 42, "progress": False, "log_samples": 0,
+                  "save_final": False, "mixed_precision": mixed_precision},
+    })
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no") -> dict:
+    from .trainer import train
+
+    iterations = max(2, iterations)
+    with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
+        ctx = multiprocessing.get_context("spawn")
+        proc = ctx.Process(target=build_models, args=(tmp, size))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
+        cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision)
+        records = [{"prompt": p} for p in synthetic_prompts()]
+        result = train(cfg, records=records)
+        n_params = sum(p.numel() for p in result.policy.lm.parameters())
+    rows = result.metrics[1:]  # iteration 1 is warm-up
+    med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
+    tokens = 64 * 32
+    out = {
+        "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision,
+        "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
+        "ppo_epochs": 4, "minibatches": 4,
+        "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),
+        "score_s": med("time_score_s"), "train_s": med("time_train_s"),
+        "tokens_per_s": round(tokens / med("time_iteration_s"), 1),
+        "rollout_tokens_per_s": round(tokens / med("time_rollout_s"), 1),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
+        "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    print(json.dumps(out), flush=True)
+    return out

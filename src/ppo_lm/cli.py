@@ -1,0 +1,133 @@
+"""``ppo-lm`` command line: parse, load the config, call one library function. A :class:`UserError` becomes
+one line on stderr and exit code 2 (a traceback only with ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    _quiet_libraries()
+    from .trainer import train
+
+    result = train(cfg)
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"done: {len(result.metrics)} iterations, final reward {last.get('reward_mean', float('nan')):+.4f}, "
+          f"kl {last.get('kl', float('nan')):.4f}; outputs in {result.output_dir}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    _quiet_libraries()
+    from . import demo
+
+    demo.run(args.output_dir, iterations=args.iterations)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pathlib import Path
+
+    if not Path(args.model).exists() and args.model.startswith((".", "/", "~")):
+        raise UserError(f"no such model folder: {args.model}", "--model")
+    _quiet_libraries()
+    import torch
+
+    from .models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, notice=lambda m: print(m, file=sys.stderr))
+    model = load_causal_lm(args.model, field="model")
+    model.eval()
+    torch.manual_seed(args.seed)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for prompt in prompts:
+        enc = tokenizer([prompt] * args.num_samples, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
+                                 top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        for text in tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True):
+            print(f"{prompt} ||| {text}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    _quiet_libraries()
+    from . import bench
+
+    bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ppo-lm", description="Fine-tune causal language models with PPO (RLHF).")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run PPO from a YAML config")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-5 rollout.batch_size=32")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--iterations", type=int, default=40)
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="sample from a saved policy (or any causal LM folder)")
+    g.add_argument("model", help="model folder or hub name")
+    g.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one per stdin line")
+    g.add_argument("--num-samples", "-n", type=int, default=1)
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="time PPO iterations on a fixed configuration; prints one JSON line")
+    b.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    b.add_argument("--iterations", type=int, default=4, help="iterations; the first is warm-up")
+    b.add_argument("--lora", action="store_true", help="train LoRA adapters (reference = adapters off)")
+    b.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func: Callable, args) -> int:
+    try:
+        return func(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

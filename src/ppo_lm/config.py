@@ -1,0 +1,543 @@
+"""Configuration: one tree of dataclasses, loaded from YAML (``yaml.safe_load`` semantics) plus dotted
+command-line overrides, and validated field by field before anything heavy is loaded.
+
+Every field has a type, a default and a one-line docstring (the ``#:`` comment above it), which the README's
+config reference mirrors. Errors name the field, the file and the line: ``cfg.yaml:7: ppo.lr_rate: unknown key
+(did you mean 'lr'?)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class LoraConfig:
+    #: Train LoRA adapters (peft) instead of all weights; the reference model is then the same module with
+    #: adapters disabled, so no second copy of the weights is held.
+    enabled: bool = False
+    #: LoRA rank.
+    r: int = 8
+    #: LoRA alpha (scaling = alpha / r).
+    alpha: int = 16
+    #: Dropout inside the adapters (kept off during RL by default).
+    dropout: float = 0.0
+    #: Modules to adapt: a list of names, or "all-linear".
+    target_modules: list[str] | str = "all-linear"
+
+
+@dataclass
+class ModelConfig:
+    #: Policy: a local transformers folder or a hub name (any AutoModelForCausalLM).
+    name_or_path: str = ""
+    #: Tokenizer folder or hub name; defaults to name_or_path.
+    tokenizer: str | None = None
+    #: Weights dtype: float32, bfloat16 or float16.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: Separate critic model (folder or hub name); null = a value head on the policy's own trunk.
+    critic: str | None = None
+    #: Allow custom modelling code from the hub. Off: only enable it for code you trust.
+    trust_remote_code: bool = False
+    #: Recompute activations in the backward pass to save memory.
+    gradient_checkpointing: bool = False
+    #: Standard deviation of the value head's initial weights (small, so early values are near 0).
+    value_head_init_std: float = 0.0
+    #: LoRA settings.
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    #: Prompt dataset: a .jsonl/.json/.csv/.parquet file, a saved datasets folder, or a hub dataset name.
+    path: str = ""
+    #: Split to read when the source has splits.
+    split: str = "train"
+    #: Field holding the prompt text.
+    prompt_field: str = "prompt"
+    #: Prompts longer than this many tokens are truncated from the left or refused (see prompt_overflow).
+    max_prompt_tokens: int = 256
+    #: What to do with a prompt over max_prompt_tokens: "truncate" (keep its end, with a warning) or "error".
+    prompt_overflow: Literal["truncate", "error"] = "truncate"
+    #: Wrap prompts in the tokenizer's chat template: "auto" (when it has one), "on" or "off".
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    #: Shuffle the prompts each pass over the dataset.
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    #: Prompts sampled per PPO iteration (one response each).
+    batch_size: int = 64
+    #: Maximum tokens generated per response.
+    max_new_tokens: int = 32
+    #: Stop a response at the EOS token (false: always generate max_new_tokens).
+    stop_at_eos: bool = True
+    #: Sampling temperature; logprobs in rollout and loss use the same temperature.
+    temperature: float = 1.0
+    #: Top-k sampling (0 = off).
+    top_k: int = 0
+    #: Nucleus sampling threshold (1.0 = off).
+    top_p: float = 1.0
+    #: Generate in chunks of this many prompts (null = the whole batch at once).
+    generation_batch_size: int | None = None
+    #: Score given to responses that end without EOS instead of their reward (null = keep their reward).
+    missing_eos_penalty: float | None = None
+
+
+@dataclass
+class RewardSourceConfig:
+    #: Kind: model | python | sentiment | exact_match | f1 | keyword | length | format.
+    type: Literal["model", "python", "sentiment", "exact_match", "f1", "keyword", "length", "format"] = "sentiment"
+    #: Weight of this source in the sum.
+    weight: float = 1.0
+    #: model: folder or hub name of an AutoModelForSequenceClassification reward model.
+    path: str | None = None
+    #: python: "module:function" (or "path/to/file.py:function").
+    function: str | None = None
+    #: keyword: words whose frequency in the response is rewarded.
+    words: list[str] = field(default_factory=list)
+    #: format: a regular expression the response must match (search).
+    pattern: str | None = None
+    #: length: target response length in words (reward = -|len - target| / target).
+    target: int = 20
+    #: python: extra keyword arguments passed to the function.
+    kwargs: dict = field(default_factory=dict)
+    # (last, because the name shadows dataclasses.field inside this class body)
+    #: exact_match / f1: dataset field holding the reference answer(s).
+    field: str = "answer"
+
+
+@dataclass
+class RewardConfig:
+    #: Reward sources, summed with their weights.
+    sources: list[RewardSourceConfig] = field(default_factory=lambda: [RewardSourceConfig()])
+    #: Normalise scores with running mean/std before PPO sees them.
+    normalize: bool = False
+    #: Clip (normalised) scores to [-clip, clip] (null = no clipping).
+    clip: float | None = None
+
+
+@dataclass
+class PPOConfig:
+    #: Passes (epochs) of PPO over each rollout batch.
+    epochs: int = 4
+    #: Minibatches per epoch; rollout.batch_size must divide evenly.
+    num_minibatches: int = 4
+    #: Split each minibatch into this many micro-batches whose gradients are accumulated.
+    gradient_accumulation_steps: int = 1
+    #: Learning rate (AdamW).
+    lr: float = 1e-5
+    #: Learning-rate schedule over all optimiser steps: constant, linear or cosine.
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    #: Linear warm-up steps.
+    warmup_steps: int = 0
+    #: AdamW weight decay.
+    weight_decay: float = 0.0
+    #: AdamW epsilon.
+    adam_eps: float = 1e-8
+    #: Clip the gradient norm to this value (null = no clipping).
+    max_grad_norm: float | None = 1.0
+    #: PPO epsilon: the probability ratio is clipped to [1 - clip_range, 1 + clip_range].
+    clip_range: float = 0.2
+    #: Value predictions are clipped to old_value +- clip_range_value.
+    clip_range_value: float = 0.2
+    #: Weight of the value loss.
+    vf_coef: float = 0.1
+    #: Weight of the entropy bonus (0 = none).
+    ent_coef: float = 0.0
+    #: Discount factor.
+    gamma: float = 1.0
+    #: GAE lambda.
+    gae_lambda: float = 0.95
+    #: KL penalty coefficient beta (initial value when adaptive_kl is on).
+    kl_coef: float = 0.05
+    #: KL estimator in the per-token penalty: k1 (log p - log q) or k3 ((r - 1) - log r).
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    #: Adapt kl_coef toward kl_target (Ziegler et al. 2019).
+    adaptive_kl: bool = False
+    #: Target KL per sequence for the adaptive controller.
+    kl_target: float = 6.0
+    #: Horizon (in samples) of the adaptive controller.
+    kl_horizon: int = 10000
+    #: Whiten advantages over the real tokens of the batch.
+    whiten_advantages: bool = True
+    #: Whiten per-token rewards before GAE.
+    whiten_rewards: bool = False
+    #: Stop the epochs of an iteration early when the approximate KL to the rollout policy exceeds this.
+    target_kl: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    #: Where metrics.jsonl, plots and final/ are written.
+    output_dir: str = "runs/ppo"
+    #: Number of PPO iterations (rollout + update).
+    iterations: int = 100
+    #: Random seed (python, numpy, torch, data order).
+    seed: int = 0
+    #: Extra trackers through accelerate: any of tensorboard, wandb, mlflow.
+    log_with: list[str] = field(default_factory=list)
+    #: Mixed precision through accelerate: no, bf16 or fp16.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    #: Force the CPU even when a GPU is present.
+    cpu: bool = False
+    #: Print this many sample completions every log_samples_every iterations (0 = never).
+    log_samples: int = 2
+    #: How often to print samples.
+    log_samples_every: int = 10
+    #: Save the final policy (save_pretrained, safetensors) and tokenizer to output_dir/final.
+    save_final: bool = True
+    #: Show the rich progress display.
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.rollout.batch_size // self.ppo.num_minibatches
+
+    @property
+    def microbatch_size(self) -> int:
+        return self.minibatch_size // self.ppo.gradient_accumulation_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------ YAML with lines
+
+
+class _Located(dict):
+    """A mapping that remembers the source line of each of its keys."""
+
+    lines: dict[str, int]
+
+
+def _compose(text: str, source: str) -> Any:
+    """Parse YAML like ``yaml.safe_load`` but keep the line number of every mapping key."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("(yaml)", f"not valid YAML: {problem}", source, line) from None
+    if node is None:
+        return _Located()
+    constructor = yaml.SafeLoader("")
+
+    def build(n: yaml.Node) -> Any:
+        if isinstance(n, yaml.MappingNode):
+            out = _Located()
+            out.lines = {}
+            for k, v in n.value:
+                key = constructor.construct_object(k, deep=True)
+                out[str(key)] = build(v)
+                out.lines[str(key)] = k.start_mark.line + 1
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(v) for v in n.value]
+        return constructor.construct_object(n, deep=True)
+
+    return build(node)
+
+
+# ----------------------------------------------------------------------------------------- overrides
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(item, "override must look like key=value (e.g. ppo.lr=1e-5)", "command line")
+    key, _, text = item.partition("=")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_index(part, node, ".".join(parts[: i + 1]))]
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = _Located()
+            node[part].lines = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_index(last, node, key)] = value
+    else:
+        node[last] = value
+        if isinstance(node, _Located):
+            node.lines.pop(last, None)  # the value now comes from the command line
+
+
+def _index(part: str, seq: list, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(seq):
+        raise ConfigError(key, f"no list item {part!r} (the list has {len(seq)} items)", "command line")
+    return int(part)
+
+
+# ----------------------------------------------------------------------------------- typed building
+
+
+class _Builder:
+    def __init__(self, source: str):
+        self.source = source
+
+    def where(self, lines: dict | None, key: str) -> int | None:
+        return (lines or {}).get(key)
+
+    def build(self, cls: type, raw: Any, prefix: str, line: int | None) -> Any:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(prefix or "(top level)", f"expected a mapping, got {_describe(raw)}", self.source, line)
+        lines = getattr(raw, "lines", None)
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in raw.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            key_line = self.where(lines, key)
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+                raise ConfigError(dotted, f"unknown key{hint}", self.source, key_line)
+            kwargs[key] = self.convert(hints[key], value, dotted, key_line)
+        return cls(**kwargs)
+
+    def convert(self, tp: Any, value: Any, dotted: str, line: int | None) -> Any:
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            return self.build(tp, value, dotted, line)
+        if origin in (typing.Union, types.UnionType):
+            if value is None and type(None) in args:
+                return None
+            errors = []
+            for arg in (a for a in args if a is not type(None)):
+                try:
+                    return self.convert(arg, value, dotted, line)
+                except ConfigError as e:
+                    errors.append(e)
+            if len(errors) == 1:
+                raise errors[0]
+            raise ConfigError(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
+        if origin is Literal:
+            if value not in args:
+                choices = ", ".join(str(a) for a in args)
+                close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ConfigError(dotted, f"must be one of {choices}, got {value!r}{hint}", self.source, line)
+            return value
+        if origin is list:
+            if not isinstance(value, list):
+                raise ConfigError(dotted, f"expected a list, got {_describe(value)}", self.source, line)
+            return [self.convert(args[0], v, f"{dotted}.{i}", line) for i, v in enumerate(value)]
+        if tp is dict or origin is dict:
+            if not isinstance(value, dict):
+                raise ConfigError(dotted, f"expected a mapping, got {_describe(value)}", self.source, line)
+            return dict(value)
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+        elif tp is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif tp is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; accept it as the number it is
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif tp is str:
+            if isinstance(value, str):
+                return value
+        raise ConfigError(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if value is None:
+        return "null"
+    kind = {int: "an integer", float: "a number", str: "a string", list: "a list"}.get(type(value))
+    if isinstance(value, dict):
+        kind = "a mapping"
+    return f"{value!r} ({kind})" if kind and not isinstance(value, (dict, list)) else (kind or type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_paths: bool = True) -> Config:
+    """Read a YAML config (or start from defaults when ``path`` is None), apply ``key=value`` overrides and
+    validate everything. Raises :class:`ConfigError` naming the field, file and line."""
+    source = str(path) if path is not None else "command line"
+    raw: Any = _Located()
+    raw.lines = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("config", f"no such file: {p}", str(p))
+        raw = _compose(p.read_text(encoding="utf-8"), source)
+        if not isinstance(raw, dict):
+            raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _Builder(source).build(Config, raw, "", None)
+    validate(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths,
+             base_dir=Path(path).parent if path is not None else Path("."))
+    return cfg
+
+
+def config_from_dict(data: dict, *, check_paths: bool = False) -> Config:
+    """Build and validate a :class:`Config` from a plain nested dict (library use)."""
+    cfg = _Builder("config").build(Config, data, "", None)
+    validate(cfg, source="config", lines={}, check_paths=check_paths)
+    return cfg
+
+
+def _flatten_lines(raw: Any, prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            dotted = f"{prefix}.{key}" if prefix else key
+            if key in getattr(raw, "lines", {}):
+                out[dotted] = raw.lines[key]
+            out.update(_flatten_lines(value, dotted))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            out.update(_flatten_lines(value, f"{prefix}.{i}"))
+    return out
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).suffix in {".jsonl", ".json", ".csv", ".parquet", ".txt"} \
+        or name.count("/") > 1 or Path(name).exists()
+
+
+def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | None = None,
+             check_paths: bool = True, base_dir: Path = Path(".")) -> None:
+    """Range and consistency checks. Raises :class:`ConfigError` on the first problem found."""
+    lines = lines or {}
+
+    def fail(key: str, what: str) -> None:
+        raise ConfigError(key, what, source, lines.get(key))
+
+    def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
+        if value is None:
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(key, f"must be a finite number, got {value}")
+        if value < 0 or (value == 0 and not allow_zero):
+            fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+    if not cfg.model.name_or_path:
+        fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
+    for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
+                       ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
+                       ("ppo.lr", cfg.ppo.lr), ("ppo.clip_range", cfg.ppo.clip_range),
+                       ("ppo.clip_range_value", cfg.ppo.clip_range_value), ("ppo.adam_eps", cfg.ppo.adam_eps),
+                       ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl_target", cfg.ppo.kl_target),
+                       ("ppo.kl_horizon", cfg.ppo.kl_horizon), ("ppo.target_kl", cfg.ppo.target_kl),
+                       ("rollout.batch_size", cfg.rollout.batch_size),
+                       ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
+                       ("rollout.temperature", cfg.rollout.temperature),
+                       ("rollout.generation_batch_size", cfg.rollout.generation_batch_size),
+                       ("data.max_prompt_tokens", cfg.data.max_prompt_tokens),
+                       ("train.iterations", cfg.train.iterations), ("model.lora.r", cfg.model.lora.r),
+                       ("model.lora.alpha", cfg.model.lora.alpha), ("reward.clip", cfg.reward.clip)]:
+        positive(key, value)
+    for key, value in [("ppo.vf_coef", cfg.ppo.vf_coef), ("ppo.ent_coef", cfg.ppo.ent_coef),
+                       ("ppo.kl_coef", cfg.ppo.kl_coef), ("ppo.weight_decay", cfg.ppo.weight_decay),
+                       ("ppo.warmup_steps", cfg.ppo.warmup_steps), ("rollout.top_k", cfg.rollout.top_k),
+                       ("model.value_head_init_std", cfg.model.value_head_init_std),
+                       ("train.log_samples", cfg.train.log_samples),
+                       ("train.log_samples_every", cfg.train.log_samples_every)]:
+        positive(key, value, allow_zero=True)
+    for key, value in [("ppo.gamma", cfg.ppo.gamma), ("ppo.gae_lambda", cfg.ppo.gae_lambda),
+                       ("rollout.top_p", cfg.rollout.top_p)]:
+        if not 0.0 <= value <= 1.0:
+            fail(key, f"must be in [0, 1], got {value}")
+    if cfg.rollout.top_p == 0.0:
+        fail("rollout.top_p", "must be > 0")
+    if not 0.0 <= cfg.model.lora.dropout < 1.0:
+        fail("model.lora.dropout", f"must be in [0, 1), got {cfg.model.lora.dropout}")
+    if cfg.rollout.batch_size % cfg.ppo.num_minibatches:
+        fail("ppo.num_minibatches", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "
+                                    f"ppo.num_minibatches ({cfg.ppo.num_minibatches})")
+    if cfg.minibatch_size % cfg.ppo.gradient_accumulation_steps:
+        fail("ppo.gradient_accumulation_steps",
+             f"the minibatch size ({cfg.minibatch_size}) must be divisible by "
+             f"ppo.gradient_accumulation_steps ({cfg.ppo.gradient_accumulation_steps})")
+    for tracker in cfg.train.log_with:
+        if tracker not in ("tensorboard", "wandb", "mlflow"):
+            fail("train.log_with", f"unknown tracker {tracker!r} (use tensorboard, wandb or mlflow)")
+    if not cfg.reward.sources:
+        fail("reward.sources", "needs at least one reward source")
+    for i, src in enumerate(cfg.reward.sources):
+        key = f"reward.sources.{i}"
+        if not math.isfinite(src.weight):
+            fail(f"{key}.weight", f"must be a finite number, got {src.weight}")
+        if src.type == "model" and not src.path:
+            fail(f"{key}.path", "a 'model' reward needs path: a sequence-classification model folder or hub name")
+        if src.type == "python" and (not src.function or ":" not in src.function):
+            fail(f"{key}.function", "a 'python' reward needs function: 'module:function'")
+        if src.type == "keyword" and not src.words:
+            fail(f"{key}.words", "a 'keyword' reward needs a non-empty list of words")
+        if src.type == "format" and not src.pattern:
+            fail(f"{key}.pattern", "a 'format' reward needs pattern: a regular expression")
+        if src.type == "format" and src.pattern:
+            import re
+            try:
+                re.compile(src.pattern)
+            except re.error as e:
+                fail(f"{key}.pattern", f"not a valid regular expression: {e}")
+        if src.type == "length":
+            positive(f"{key}.target", src.target)
+    if not check_paths:
+        return
+    checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+              ("model.critic", cfg.model.critic), ("data.path", cfg.data.path)]
+    checks += [(f"reward.sources.{i}.path", s.path) for i, s in enumerate(cfg.reward.sources) if s.type == "model"]
+    for key, value in checks:
+        if value and _looks_local(value) and not Path(value).expanduser().exists():
+            fail(key, f"no such file or directory: {value}")
+    if not cfg.data.path:
+        fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")

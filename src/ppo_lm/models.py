@@ -1,0 +1,230 @@
+"""Loading the policy (any ``AutoModelForCausalLM``) with a scalar value head, the reference model, and the
+tokenizer. Nothing here knows PPO.
+
+One forward of :class:`PolicyWithValue` returns the logits of the response tokens and the value of every
+response state, computed from the same trunk pass. The reference is a frozen copy of the policy, or, with
+LoRA, the policy itself with its adapters disabled, so no second copy of the weights exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ValueHead(nn.Module):
+    """A linear map from the last hidden state to a scalar value."""
+
+    def __init__(self, hidden_size: int, init_std: float = 0.0):
+        super().__init__()
+        self.summary = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.summary.weight, std=init_std) if init_std > 0 else nn.init.zeros_(self.summary.weight)
+        nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that count only real tokens, so a left-padded prompt starts at position 0."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    return name in inspect.signature(module.forward).parameters
+
+
+class PolicyWithValue(nn.Module):
+    """Causal LM plus value head. ``forward`` computes, for the last ``n_response`` tokens of ``input_ids``,
+    the logits that predicted them ``[B, T, V]`` and the values of the states before them ``[B, T]``.
+
+    With ``critic`` set, values come from a separate trunk instead of the policy's own.
+    """
+
+    def __init__(self, lm: nn.Module, value_head: ValueHead, critic: nn.Module | None = None):
+        super().__init__()
+        self.lm = lm
+        self.value_head = value_head
+        self.critic = critic
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        self._keep_logits = _accepts(base, "logits_to_keep")
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.critic is None,
+                                    keep_logits=self._keep_logits)
+        if self.critic is not None:
+            out = self.critic(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+            hidden = out.last_hidden_state[:, -n_response - 1 : -1]
+        return logits, self.value_head(hidden)
+
+    @contextlib.contextmanager
+    def adapters_disabled(self):
+        """The reference model, when the policy is a LoRA model: the same weights with adapters off."""
+        with self.lm.disable_adapter():
+            yield self.lm
+
+
+def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, *,
+               want_hidden: bool = False, keep_logits: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Logits ``[B, T, V]`` predicting the last ``T = n_response`` tokens, and (optionally) the last hidden
+    states ``[B, T, H]`` at the same positions. Only ``T + 1`` positions go through the LM head, so the
+    vocabulary projection is never paid for the prompt."""
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                  output_hidden_states=want_hidden)
+    if keep_logits:
+        kwargs["logits_to_keep"] = n_response + 1
+    out = lm(**kwargs)
+    logits = out.logits[:, -n_response - 1 : -1]
+    hidden = out.hidden_states[-1][:, -n_response - 1 : -1] if want_hidden else None
+    return logits, hidden
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """RL needs the same function in rollout and update: no dropout anywhere."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout_rate"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def _no_dropout_config(config):
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    return config
+
+
+def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remote_code: bool):
+    """Load a transformers config and check that it is of the expected kind (``causal`` or ``classifier``),
+    before any weights are read."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load a transformers model config from {name_or_path!r}: {first}", field) from None
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if kind == "causal" else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    archs = getattr(config, "architectures", None) or []
+    suffix = "ForCausalLM" if kind == "causal" else "ForSequenceClassification"
+    ok_arch = not archs or any(a.endswith(suffix) or (kind == "causal" and a.endswith("LMHeadModel")) for a in archs)
+    if (config.model_type not in names and not trust_remote_code) or not ok_arch:
+        what = "a causal language model" if kind == "causal" else "a sequence-classification (reward) model"
+        raise UserError(f"{name_or_path!r} is not {what} (model_type {config.model_type!r}, "
+                        f"architectures {archs or 'unknown'})", field)
+    return config
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice=print):
+    """Tokenizer with a pad token (EOS is reused, with a notice, when there is none) and left padding."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}",
+                        "model.tokenizer") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token", "model.tokenizer")
+        notice(f"note: tokenizer {name_or_path!r} has no pad token; using its EOS token {tok.eos_token!r} as pad")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                   field: str = "model.name_or_path"):
+    from transformers import AutoModelForCausalLM
+
+    config = _no_dropout_config(load_config_checked(name_or_path, kind="causal", field=field,
+                                                    trust_remote_code=trust_remote_code))
+    lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=DTYPES[dtype],
+                                              trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
+    disable_dropout(lm)
+    return lm
+
+
+def _safetensors(name_or_path: str) -> bool | None:
+    """Prefer safetensors; for a local folder insist on it when it has a .safetensors file."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return True if any(p.glob("*.safetensors")) else None
+    return None
+
+
+def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
+    """Build the trainable :class:`PolicyWithValue` from a :class:`~ppo_lm.config.ModelConfig`."""
+    lm = load_causal_lm(model_cfg.name_or_path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
+    if model_cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        lm.config.use_cache = False
+    if model_cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lora = model_cfg.lora
+        lm = get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                           target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none"))
+    critic = None
+    hidden_size = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
+    if model_cfg.critic:
+        from transformers import AutoModel
+
+        config = _no_dropout_config(load_config_checked(model_cfg.critic, kind="causal", field="model.critic",
+                                                        trust_remote_code=model_cfg.trust_remote_code))
+        critic = AutoModel.from_pretrained(model_cfg.critic, config=config, dtype=DTYPES[model_cfg.dtype],
+                                           trust_remote_code=model_cfg.trust_remote_code)
+        disable_dropout(critic)
+        hidden_size = config.hidden_size
+    head = ValueHead(hidden_size, model_cfg.value_head_init_std)
+    return PolicyWithValue(lm, head, critic)
+
+
+def make_reference(policy: PolicyWithValue) -> nn.Module | None:
+    """A frozen copy of the policy's LM, or None when the policy uses LoRA (then the reference is the policy
+    with adapters disabled, see :meth:`PolicyWithValue.adapters_disabled`)."""
+    if is_lora(policy):
+        return None
+    ref = copy.deepcopy(policy.lm)
+    ref.requires_grad_(False)
+    ref.eval()
+    return ref
+
+
+def is_lora(policy: PolicyWithValue) -> bool:
+    return hasattr(policy.lm, "disable_adapter") and hasattr(policy.lm, "peft_config")
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def save_policy(policy: PolicyWithValue, tokenizer, out_dir: str | Path) -> None:
+    """Write the policy so that plain ``transformers`` loads it: LoRA adapters are merged into the weights;
+    safetensors; tokenizer beside it; the value head as ``value_head.safetensors``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = policy.lm
+    if is_lora(policy):
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
+              str(out / "value_head.safetensors"))

@@ -1,0 +1,122 @@
+"""Built-in scorers: sentiment (VADER), exact match and token F1 against a reference field, keyword
+frequency, length and format. Each is a small class with the reward protocol's ``__call__``."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+import torch
+
+from ..errors import RewardError
+
+
+class Sentiment:
+    """VADER compound polarity of the completion, in [-1, 1] (Hutto & Gilbert 2014; lexicon shipped in the
+    ``vaderSentiment`` wheel, no network)."""
+
+    def __init__(self, src=None):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self.analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts, completions, fields):
+        return torch.tensor([self.analyzer.polarity_scores(c)["compound"] for c in completions])
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _references(value) -> list[str]:
+    """A reference field may hold a string, a list of strings, or SQuAD-style [{"text": ...}]."""
+    if value is None:
+        return [""]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict) and "text" in value:
+        return _references(value["text"])
+    if isinstance(value, (list, tuple)):
+        refs = [r for v in value for r in _references(v)]
+        return refs or [""]
+    return [str(value)]
+
+
+class _Reference:
+    def __init__(self, src):
+        self.field = src.field
+
+    def refs(self, fields, n):
+        if self.field not in fields:
+            raise RewardError(f"the dataset has no field {self.field!r} (fields: {', '.join(sorted(fields)) or 'none'})",
+                              f"reward ({type(self).__name__.lower()})")
+        return [_references(v) for v in fields[self.field]]
+
+
+class ExactMatch(_Reference):
+    """1 if the normalised completion equals a normalised reference answer, else 0."""
+
+    def __call__(self, prompts, completions, fields):
+        return torch.tensor([float(any(normalize_answer(c) == normalize_answer(r) for r in refs))
+                             for c, refs in zip(completions, self.refs(fields, len(completions)))])
+
+
+class F1(_Reference):
+    """Best token F1 (SQuAD definition) between the completion and any reference answer."""
+
+    def __call__(self, prompts, completions, fields):
+        return torch.tensor([max(token_f1(c, r) for r in refs)
+                             for c, refs in zip(completions, self.refs(fields, len(completions)))])
+
+
+class Keyword:
+    """Fraction of the completion's words that are in ``words`` (0 for an empty completion)."""
+
+    def __init__(self, src):
+        self.words = {w.lower() for w in src.words}
+
+    def __call__(self, prompts, completions, fields):
+        out = []
+        for c in completions:
+            toks = re.findall(r"\w+|[^\w\s]", c.lower())
+            out.append(sum(t in self.words for t in toks) / len(toks) if toks else 0.0)
+        return torch.tensor(out)
+
+
+class Length:
+    """``-|words - target| / target``: 0 at the target length, negative either side."""
+
+    def __init__(self, src):
+        self.target = src.target
+
+    def __call__(self, prompts, completions, fields):
+        return torch.tensor([-abs(len(c.split()) - self.target) / self.target for c in completions])
+
+
+class Format:
+    """1 if the completion matches the regular expression ``pattern`` (``re.search``), else 0."""
+
+    def __init__(self, src):
+        self.pattern = re.compile(src.pattern)
+
+    def __call__(self, prompts, completions, fields):
+        return torch.tensor([float(bool(self.pattern.search(c))) for c in completions])
+
+
+BUILTIN = {"sentiment": Sentiment, "exact_match": ExactMatch, "f1": F1, "keyword": Keyword, "length": Length,
+           "format": Format}

@@ -1,0 +1,380 @@
+"""The PPO loop for language models, readable top to bottom like the algorithm.
+
+One iteration:
+
+1. **collect** — sample a response per prompt with the current policy; keep old logprobs, values and
+   reference logprobs of the sampled tokens (``rollout.collect``).
+2. **score** — the reward sources score each completion; per-token reward = ``-kl_coef * KL`` on every
+   token plus the score at the last real token.
+3. **advantages** — GAE over the response tokens, then whitening.
+4. **update** — ``ppo.epochs`` passes of shuffled minibatches: clipped surrogate + clipped value loss,
+   gradient accumulation and clipping, learning-rate schedule.
+5. **log** — one JSON line of metrics per iteration, trackers, progress display.
+
+All device placement, mixed precision and gradient accumulation go through ``accelerate``, so
+``accelerate launch`` (DDP, DeepSpeed, FSDP) runs the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from . import algo
+from .config import Config
+from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
+from .errors import UserError
+from .models import PolicyWithValue, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
+from .rewards import RunningMoments, WeightedSum, build_reward
+from .rollout import collect
+from .tracking import MetricsLog, PhaseTimer, plot_metrics
+from .types import Rollout, ScoredRollout
+
+
+@dataclass
+class TrainState:
+    """Everything that changes from one iteration to the next (besides model and optimiser)."""
+
+    iteration: int
+    sampler: PromptSampler
+    kl_controller: algo.FixedKLController
+    reward_stats: RunningMoments = field(default_factory=RunningMoments)
+    samples_seen: int = 0
+    nonfinite_skips: int = 0
+
+
+@dataclass
+class TrainResult:
+    policy: PolicyWithValue
+    tokenizer: object
+    metrics: list[dict]
+    output_dir: Path
+
+
+# ------------------------------------------------------------------------------------------ step 2+3
+
+
+def score(rollout: Rollout, reward_fn: WeightedSum, state: TrainState, cfg: Config) -> ScoredRollout:
+    """Steps 2 and 3: sequence scores -> per-token KL-penalised rewards -> GAE advantages and returns."""
+    raw = reward_fn(rollout.prompts, rollout.completions, rollout.fields).to(rollout.values.device)
+    scores = raw
+    if cfg.rollout.missing_eos_penalty is not None:  # responses that ran out of tokens get a fixed score
+        scores = torch.where(rollout.ended_with_eos, scores, torch.full_like(scores, cfg.rollout.missing_eos_penalty))
+    if cfg.reward.normalize:
+        state.reward_stats.update(scores)
+        scores = (scores - state.reward_stats.mean) / state.reward_stats.std
+    if cfg.reward.clip is not None:
+        scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+
+    mask = rollout.response_mask
+    match cfg.ppo.kl_estimator:
+        case "k1":
+            kl = algo.kl_k1(rollout.logprobs, rollout.ref_logprobs)
+        case "k3":
+            kl = algo.kl_k3(rollout.logprobs, rollout.ref_logprobs)
+    kl = kl * mask
+    rewards = algo.per_token_rewards(scores, kl, mask, state.kl_controller.value)
+    if cfg.ppo.whiten_rewards:
+        rewards = algo.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = algo.gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.gae_lambda)
+    if cfg.ppo.whiten_advantages:
+        advantages = algo.masked_whiten(advantages, mask)
+    return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards,
+                         advantages=advantages, returns=returns)
+
+
+# -------------------------------------------------------------------------------------------- step 4
+
+
+def _minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
+    """Slice a minibatch and trim the padding it does not need: left prompt padding shared by all its rows
+    and response columns after its longest response."""
+    r = scored.rollout
+    prompt_mask, response_mask = r.prompt_mask[idx], r.response_mask[idx]
+    first = int(prompt_mask.any(0).float().argmax())  # first prompt column with any real token
+    last = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
+    ids = torch.cat([r.prompt_ids[idx, first:], r.response_ids[idx, :last]], 1)
+    mask = torch.cat([prompt_mask[:, first:], response_mask[:, :last]], 1)
+    return dict(input_ids=ids, attention_mask=mask.long(), n_response=last, tokens=r.response_ids[idx, :last],
+                response_mask=response_mask[:, :last], old_logprobs=r.logprobs[idx, :last],
+                old_values=r.values[idx, :last], advantages=scored.advantages[idx, :last],
+                returns=scored.returns[idx, :last])
+
+
+def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
+           generator: torch.Generator) -> dict:
+    """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout."""
+    ppo = cfg.ppo
+    params = trainable_parameters(policy)
+    stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac",
+                                                      "value_clipfrac", "approx_kl", "ratio", "grad_norm")}
+    n = scored.rollout.response_ids.shape[0]
+    policy.train()
+    for epoch in range(ppo.epochs):
+        epoch_kl = []
+        order = torch.randperm(n, generator=generator).to(scored.rollout.response_ids.device)
+        for mb in order.split(cfg.minibatch_size):
+            for micro in mb.split(cfg.microbatch_size):
+                b = _minibatch(scored, micro)
+                with accelerator.accumulate(policy), accelerator.autocast():
+                    logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
+                    logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
+                    pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
+                                                   clip_range=ppo.clip_range)
+                    vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], b["response_mask"],
+                                                  clip_range=ppo.clip_range_value)
+                    loss = pg_loss + ppo.vf_coef * vf_loss
+                    if ppo.ent_coef > 0:
+                        entropy = algo.masked_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature),
+                                                   b["response_mask"])
+                        loss = loss - ppo.ent_coef * entropy
+                    if not torch.isfinite(loss):
+                        # never step on a NaN/inf loss: drop this micro-batch's gradient and count it
+                        state.nonfinite_skips += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        continue
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or float("inf"))
+                        stats["grad_norm"].append(float(norm))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
+                                   ("clipfrac", pg.clipfrac), ("value_clipfrac", vf.clipfrac),
+                                   ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean)):
+                    stats[key].append(float(value.detach()))
+                epoch_kl.append(float(pg.approx_kl))
+        if ppo.target_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > ppo.target_kl:
+            break  # early stop: the policy has moved far enough from the one that sampled the data
+    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    out["epochs_run"] = epoch + 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------- step 5
+
+
+def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainState, seconds: dict,
+                      lr: float) -> dict:
+    r, mask = scored.rollout, scored.rollout.response_mask
+    lengths = mask.sum(-1).float()
+    kl_seq = scored.kl.sum(-1)  # KL of the whole response, the quantity the penalty controls
+    k3_seq = (algo.kl_k3(r.logprobs, r.ref_logprobs) * mask).sum(-1)
+    total_s = sum(seconds.values())
+    return {
+        "iteration": state.iteration,
+        "reward_mean": scored.raw_scores.mean().item(),
+        "reward_std": scored.raw_scores.std().item() if scored.raw_scores.numel() > 1 else 0.0,
+        "score_mean": scored.scores.mean().item(),
+        "kl": kl_seq.mean().item(),
+        "kl_k3": k3_seq.mean().item(),
+        "kl_coef": state.kl_controller.value,
+        "non_score_reward": (-state.kl_controller.value * kl_seq).mean().item(),
+        "entropy": algo.masked_mean(r.entropy, mask).item(),
+        "policy_loss": train_stats["policy_loss"],
+        "value_loss": train_stats["value_loss"],
+        "clipfrac": train_stats["clipfrac"],
+        "value_clipfrac": train_stats["value_clipfrac"],
+        "approx_kl": train_stats["approx_kl"],
+        "ratio": train_stats["ratio"],
+        "grad_norm": train_stats["grad_norm"],
+        "epochs_run": train_stats["epochs_run"],
+        "explained_variance": algo.explained_variance(r.values, scored.returns, mask).item(),
+        "value_mean": algo.masked_mean(r.values, mask).item(),
+        "advantage_std": algo.masked_var(scored.advantages, mask).sqrt().item(),
+        "response_length": lengths.mean().item(),
+        "eos_fraction": r.ended_with_eos.float().mean().item(),
+        "lr": lr,
+        "samples_seen": state.samples_seen,
+        "nonfinite_skips": state.nonfinite_skips,
+        "time_rollout_s": seconds.get("rollout", 0.0),
+        "time_score_s": seconds.get("score", 0.0),
+        "time_train_s": seconds.get("train", 0.0),
+        "time_iteration_s": total_s,
+        "tokens_per_s": lengths.sum().item() / total_s if total_s > 0 else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output directory and prove it writable before anything heavy happens."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory is not writable: {out} ({e.strerror or e})", "train.output_dir") from None
+    return out
+
+
+def make_reward(cfg: Config, reward_fn: Callable | None, device) -> WeightedSum:
+    if reward_fn is None:
+        return build_reward(cfg.reward, device=device)
+    name = getattr(reward_fn, "__name__", type(reward_fn).__name__)
+    return WeightedSum([(f"reward function {name}", 1.0, reward_fn)])
+
+
+def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
+          console=None) -> TrainResult:
+    """Run PPO as configured. ``reward_fn`` (the reward protocol) replaces ``cfg.reward``; ``records``
+    (a list of dicts) replaces ``cfg.data.path``. Returns the trained policy and the metrics."""
+    from accelerate import Accelerator
+    from rich.console import Console
+    from transformers import get_scheduler
+
+    console = console or Console(stderr=True)
+    out = prepare_output_dir(cfg.train.output_dir)
+    seed_everything(cfg.train.seed)
+
+    # --- 0. everything that can be wrong with the input is checked before a model is loaded
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                               notice=lambda m: console.print(f"[yellow]{m}[/]"))
+    records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset: PromptDataset = build_prompt_dataset(records, tokenizer, cfg.data, source=cfg.data.path or "records")
+    for w in caught:
+        console.print(f"[yellow]warning: {w.message}[/]")
+    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
+                              log_with=cfg.train.log_with or None, project_dir=str(out))
+    reward = make_reward(cfg, reward_fn, accelerator.device)
+
+    # --- models, optimiser, schedule
+    policy = load_policy(cfg.model, notice=lambda m: console.print(f"[yellow]{m}[/]"))
+    ref = make_reference(policy)
+    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps,
+                                  weight_decay=cfg.ppo.weight_decay)
+    total_steps = cfg.train.iterations * cfg.ppo.epochs * cfg.ppo.num_minibatches
+    scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
+                              num_training_steps=total_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if ref is not None:
+        ref.to(accelerator.device)
+    unwrapped: PolicyWithValue = accelerator.unwrap_model(policy)
+    if cfg.train.log_with:
+        accelerator.init_trackers("ppo-lm", config=_flat(cfg.to_dict()))
+    if accelerator.is_main_process:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (out / "metrics.jsonl").write_text("")
+
+    kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+              if cfg.ppo.adaptive_kl else algo.FixedKLController(cfg.ppo.kl_coef))
+    state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+                       kl_controller=kl_ctl)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
+    timer = PhaseTimer()
+    history: list[dict] = []
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    with _progress(console, cfg.train.iterations, enabled=cfg.train.progress and accelerator.is_main_process) as bar:
+        while state.iteration < cfg.train.iterations:
+            state.iteration += 1
+            timer.reset()
+            indices = state.sampler.next(cfg.rollout.batch_size * world)[rank::world]
+            prompts, prompt_ids, fields = dataset.batch(indices)
+            with timer("rollout"):  # step 1
+                rollout = collect(unwrapped, ref, tokenizer, prompt_ids, prompts, fields, cfg.rollout,
+                                  device=accelerator.device, forward_batch_size=cfg.minibatch_size,
+                                  autocast=accelerator.autocast)
+            with timer("score"):  # steps 2 and 3
+                scored = score(rollout, reward, state, cfg)
+            with timer("train"):  # step 4
+                train_stats = update(policy, optimizer, scheduler, accelerator, scored, state, cfg, generator)
+            state.samples_seen += len(indices) * world
+            metrics = iteration_metrics(scored, train_stats, state, timer.seconds, scheduler.get_last_lr()[0])
+            state.kl_controller.update(metrics["kl"], len(indices) * world)
+            metrics_log.log(metrics, step=state.iteration)  # step 5
+            history.append(metrics)
+            bar(metrics)
+            if (cfg.train.log_samples and cfg.train.log_samples_every
+                    and state.iteration % cfg.train.log_samples_every == 0 and accelerator.is_main_process):
+                _print_samples(console, scored, cfg.train.log_samples)
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if history:
+            plot_metrics(history, out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
+        if cfg.train.save_final:
+            save_policy(unwrapped, tokenizer, out / "final")
+    accelerator.end_training()
+    return TrainResult(policy=unwrapped, tokenizer=tokenizer, metrics=history, output_dir=out)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class _progress:
+    """A rich progress bar that shows the latest reward and KL; silent when disabled."""
+
+    def __init__(self, console, total: int, enabled: bool):
+        self.console, self.total, self.enabled = console, total, enabled
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda metrics: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=False)
+        self.progress.__enter__()
+        task = self.progress.add_task("", total=self.total)
+
+        def advance(m: dict) -> None:
+            desc = (f"reward {m['reward_mean']:+.3f}  kl {m['kl']:.3f}  entropy {m['entropy']:.2f}  "
+                    f"{m['time_iteration_s']:.1f}s/it")
+            self.progress.update(task, advance=1, description=desc)
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False
+
+
+def _print_samples(console, scored: ScoredRollout, k: int) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"samples", show_lines=True)
+    table.add_column("prompt", max_width=40)
+    table.add_column("completion", max_width=60)
+    table.add_column("reward", justify="right")
+    r = scored.rollout
+    for i in range(min(k, len(r.prompts))):
+        table.add_row(r.prompts[i], r.completions[i], f"{scored.raw_scores[i].item():+.3f}")
+    console.print(table)
+
+
+def config_replace(cfg: Config, **sections) -> Config:
+    """A copy of ``cfg`` with some sections' fields replaced: ``config_replace(cfg, ppo={"lr": 1e-4})``."""
+    updates = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(cfg, **updates)

@@ -1,0 +1,57 @@
+"""The data that flows between the phases of one PPO iteration.
+
+Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``T`` response tokens (right-padded).
+Per-token tensors are ``[B, T]`` and index the *response* tokens; ``response_mask`` is True for real response
+tokens up to and including EOS and False for the padding after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Rollout:
+    """What the current policy produced for a batch of prompts (step 1 of the iteration)."""
+
+    prompt_ids: Tensor  #: [B, P] long, left-padded prompt tokens
+    prompt_mask: Tensor  #: [B, P] bool, True for real prompt tokens
+    response_ids: Tensor  #: [B, T] long, sampled tokens, pad after EOS
+    response_mask: Tensor  #: [B, T] bool, True up to and including EOS
+    logprobs: Tensor  #: [B, T] float, log pi_old(token) at the sampling temperature, 0 after EOS
+    ref_logprobs: Tensor  #: [B, T] float, log pi_ref(token) at the same temperature, 0 after EOS
+    values: Tensor  #: [B, T] float, V_old(state before token), 0 after EOS
+    entropy: Tensor  #: [B, T] float, entropy of pi_old at each response state, 0 after EOS
+    ended_with_eos: Tensor  #: [B] bool, whether the response contains EOS
+    prompts: list[str]  #: the B prompt texts as given to the model (after any chat template)
+    completions: list[str]  #: the B decoded responses, without special tokens
+    fields: dict = field(default_factory=dict)  #: other dataset columns of the batch, each a list of B values
+
+    @property
+    def input_ids(self) -> Tensor:
+        """[B, P + T] prompt and response, the sequence the policy is trained on."""
+        import torch
+
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """[B, P + T] bool."""
+        import torch
+
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoredRollout:
+    """A rollout with its rewards and advantages (steps 2 and 3): everything the update needs."""
+
+    rollout: Rollout
+    scores: Tensor  #: [B] float, the sequence-level reward after normalisation/penalties
+    raw_scores: Tensor  #: [B] float, the reward sources' weighted sum before any normalisation
+    kl: Tensor  #: [B, T] float, the per-token KL estimate used in the penalty, 0 after EOS
+    rewards: Tensor  #: [B, T] float, -kl_coef * kl plus the score at the last real token
+    advantages: Tensor  #: [B, T] float, GAE advantages (whitened if configured), 0 after EOS
+    returns: Tensor  #: [B, T] float, value targets, 0 after EOS
