@@ -228,6 +228,9 @@ class Config:
 # ------------------------------------------------------------------------------------ YAML with lines
 
 
+COMMAND_LINE = 0  # the "line" of a value that came from a key=value override
+
+
 class _Located(dict):
     """A mapping that remembers the source line of each of its keys."""
 
@@ -239,7 +242,7 @@ def _compose(text: str, source: str) -> Any:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)  # where the broken construct began
         line = mark.line + 1 if mark else None
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise ConfigError("(yaml)", f"not valid YAML: {problem}", source, line) from None
@@ -290,7 +293,7 @@ def _apply_override(raw: dict, item: str) -> None:
     else:
         node[last] = value
         if isinstance(node, _Located):
-            node.lines.pop(last, None)  # the value now comes from the command line
+            node.lines[last] = COMMAND_LINE
 
 
 def _index(part: str, seq: list, key: str) -> int:
@@ -300,6 +303,20 @@ def _index(part: str, seq: list, key: str) -> int:
 
 
 # ----------------------------------------------------------------------------------- typed building
+
+
+def _error(field: str, what: str, source: str, line: int | None) -> ConfigError:
+    if line == COMMAND_LINE:
+        return ConfigError(field, what, "command line")
+    return ConfigError(field, what, source, line)
+
+
+def _suggest(key: str, names: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    related = [n for n in names if len(n) > 1 and (n in key or key in n)]
+    return max(related, key=len) if related else None
 
 
 class _Builder:
@@ -313,7 +330,7 @@ class _Builder:
         if raw is None:
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(prefix or "(top level)", f"expected a mapping, got {_describe(raw)}", self.source, line)
+            raise _error(prefix or "(top level)", f"expected a mapping, got {_describe(raw)}", self.source, line)
         lines = getattr(raw, "lines", None)
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
@@ -322,9 +339,9 @@ class _Builder:
             dotted = f"{prefix}.{key}" if prefix else key
             key_line = self.where(lines, key)
             if key not in names:
-                close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-                hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
-                raise ConfigError(dotted, f"unknown key{hint}", self.source, key_line)
+                close = _suggest(key, names)
+                hint = f" (did you mean '{close}'?)" if close else f" (known keys: {', '.join(names)})"
+                raise _error(dotted, f"unknown key{hint}", self.source, key_line)
             kwargs[key] = self.convert(hints[key], value, dotted, key_line)
         return cls(**kwargs)
 
@@ -344,21 +361,21 @@ class _Builder:
                     errors.append(e)
             if len(errors) == 1:
                 raise errors[0]
-            raise ConfigError(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
+            raise _error(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
         if origin is Literal:
             if value not in args:
                 choices = ", ".join(str(a) for a in args)
                 close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise ConfigError(dotted, f"must be one of {choices}, got {value!r}{hint}", self.source, line)
+                raise _error(dotted, f"must be one of {choices}, got {value!r}{hint}", self.source, line)
             return value
         if origin is list:
             if not isinstance(value, list):
-                raise ConfigError(dotted, f"expected a list, got {_describe(value)}", self.source, line)
+                raise _error(dotted, f"expected a list, got {_describe(value)}", self.source, line)
             return [self.convert(args[0], v, f"{dotted}.{i}", line) for i, v in enumerate(value)]
         if tp is dict or origin is dict:
             if not isinstance(value, dict):
-                raise ConfigError(dotted, f"expected a mapping, got {_describe(value)}", self.source, line)
+                raise _error(dotted, f"expected a mapping, got {_describe(value)}", self.source, line)
             return dict(value)
         if tp is bool:
             if isinstance(value, bool):
@@ -377,7 +394,7 @@ class _Builder:
         elif tp is str:
             if isinstance(value, str):
                 return value
-        raise ConfigError(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
+        raise _error(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
 
 
 def _type_name(tp: Any) -> str:
@@ -418,12 +435,39 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = _compose(p.read_text(encoding="utf-8"), source)
         if not isinstance(raw, dict):
             raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+    raw = _with_defaults(dataclasses.asdict(Config()), raw)
     for item in overrides:
         _apply_override(raw, item)
     cfg = _Builder(source).build(Config, raw, "", None)
     validate(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths,
              base_dir=Path(path).parent if path is not None else Path("."))
     return cfg
+
+
+def _with_defaults(defaults: Any, raw: Any) -> Any:
+    """``raw`` with every section and field it leaves out filled from ``defaults`` (so overrides can reach into
+    default lists such as ``reward.sources.0``). Lists in ``raw`` replace the default list whole."""
+    if not isinstance(raw, dict) or not isinstance(defaults, dict):
+        return raw
+    out = _Located()
+    out.lines = dict(getattr(raw, "lines", {}))
+    for key, value in defaults.items():
+        if key not in raw:
+            out[key] = _located_copy(value)
+    for key, value in raw.items():
+        out[key] = _with_defaults(defaults[key], value) if key in defaults else value
+    return out
+
+
+def _located_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        out = _Located()
+        out.lines = {}
+        out.update({k: _located_copy(v) for k, v in value.items()})
+        return out
+    if isinstance(value, list):
+        return [_located_copy(v) for v in value]
+    return value
 
 
 def config_from_dict(data: dict, *, check_paths: bool = False) -> Config:
@@ -458,7 +502,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     lines = lines or {}
 
     def fail(key: str, what: str) -> None:
-        raise ConfigError(key, what, source, lines.get(key))
+        raise _error(key, what, source, lines.get(key))
 
     def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
         if value is None:

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny models built by our own code (no hub), and the path to ../shared/assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppo_lm import toy
+from ppo_lm.config import config_from_dict
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+WORDS = "a b c d e f g h i j".split()
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-init 2-layer GPT-2 over a 13-token word vocabulary, saved as a transformers folder."""
+    tok = toy.word_tokenizer(WORDS)
+    model = toy.gpt2(tok, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0)
+    return toy.save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = toy.word_tokenizer(WORDS)
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tok), num_labels=1,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return toy.save_model(GPT2ForSequenceClassification(config), tok, tmp_path_factory.mktemp("rm") / "rm")
+
+
+def prompt_records(n: int = 32) -> list[dict]:
+    return [{"prompt": " ".join(WORDS[(k + i) % len(WORDS)] for i in range(3 + k % 3)), "answer": "a"}
+            for k in range(n)]
+
+
+def tiny_config(model_dir, out_dir, **sections) -> object:
+    """A fast config for the tiny model; ``sections`` override whole-section fields."""
+    base = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"path": "records"},
+        "rollout": {"batch_size": 16, "max_new_tokens": 8},
+        "reward": {"sources": [{"type": "keyword", "words": ["a"]}]},
+        "ppo": {"lr": 3e-3, "num_minibatches": 2, "kl_coef": 0.01},
+        "train": {"output_dir": str(out_dir), "iterations": 2, "progress": False, "log_samples": 0, "seed": 0},
+    }
+    for name, fields in sections.items():
+        base[name] = {**base.get(name, {}), **fields}
+    return config_from_dict(base)

@@ -1,0 +1,89 @@
+import pytest
+
+from ppo_lm.config import Config, config_from_dict, load_config
+from ppo_lm.errors import ConfigError
+
+
+def write(tmp_path, text, name="cfg.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+GOOD = """\
+model:
+  name_or_path: gpt2
+data:
+  path: hub/prompts
+rollout:
+  batch_size: 8
+ppo:
+  lr: 1e-5
+  num_minibatches: 2
+"""
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), check_paths=False)
+    assert isinstance(cfg, Config)
+    assert cfg.ppo.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string; it must still become a float
+    assert cfg.rollout.batch_size == 8 and cfg.minibatch_size == 4
+    assert cfg.ppo.clip_range == 0.2 and cfg.model.trust_remote_code is False
+
+
+def test_dotted_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD), ["ppo.lr=3e-4", "rollout.batch_size=16", "train.log_with=[tensorboard]",
+                                             "reward.sources.0.weight=2", "model.lora.enabled=true"],
+                      check_paths=False)
+    assert cfg.ppo.lr == 3e-4 and cfg.rollout.batch_size == 16 and cfg.train.log_with == ["tensorboard"]
+    assert cfg.reward.sources[0].weight == 2.0 and cfg.model.lora.enabled is True
+
+
+def test_round_trip_through_dict():
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "ppo": {"kl_coef": 0.2}})
+    again = config_from_dict(cfg.to_dict())
+    assert again == cfg
+
+
+@pytest.mark.parametrize("text, field, line, words", [
+    (GOOD + "  lr_rate: 1\n", "ppo.lr_rate", 10, "did you mean 'lr'"),
+    (GOOD.replace("batch_size: 8", "batch_size: eight"), "rollout.batch_size", 6, "expected an integer"),
+    (GOOD.replace("lr: 1e-5", "lr: -0.1"), "ppo.lr", 8, "must be > 0"),
+    (GOOD + "  clip_range: 0\n", "ppo.clip_range", 10, "must be > 0"),
+    (GOOD.replace("batch_size: 8", "batch_size: 9"), "ppo.num_minibatches", 9, "divisible"),
+    (GOOD + "  kl_estimator: k2\n", "ppo.kl_estimator", 10, "one of k1, k3"),
+    (GOOD + "  gamma: 1.5\n", "ppo.gamma", 10, "in [0, 1]"),
+    (GOOD + "train:\n  log_with: [tensorbord]\n", "train.log_with", 11, "unknown tracker"),
+    (GOOD + "trainer:\n  x: 1\n", "trainer", 10, "did you mean 'train'"),
+    (GOOD + "  use_cache: true\n", "ppo.use_cache", 10, "unknown key"),
+    (GOOD + "reward:\n  sources:\n    - type: python\n", "reward.sources.0.function", None, "module:function"),
+])
+def test_validation_names_field_and_line(tmp_path, text, field, line, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, check_paths=False)
+    message = str(info.value)
+    assert field in message and words in message
+    if line is not None:
+        assert f"{path}:{line}: {field}" in message
+    assert "\n" not in message
+
+
+def test_missing_paths_are_reported(tmp_path):
+    path = write(tmp_path, GOOD.replace("gpt2", "./no/such/model"))
+    with pytest.raises(ConfigError, match=r"cfg.yaml:2: model.name_or_path: no such file"):
+        load_config(path)
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"cfg.yaml:3"):
+        load_config(write(tmp_path, "model:\n  name_or_path: x\n  bad: [1, 2\n"), check_paths=False)
+
+
+def test_required_model_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path: is required"):
+        config_from_dict({})
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(write(tmp_path, GOOD), ["ppo.lr"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"command line: ppo.lr: expected a number"):
+        load_config(write(tmp_path, GOOD), ["ppo.lr=fast"], check_paths=False)

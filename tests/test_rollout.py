@@ -1,0 +1,81 @@
+import torch
+from torch.testing import assert_close
+
+from ppo_lm import algo
+from ppo_lm.models import load_policy, load_tokenizer, make_reference, position_ids_from_mask
+from ppo_lm.rollout import collect, left_pad, response_mask_from_ids
+
+from conftest import prompt_records, tiny_config
+
+
+def test_left_pad_and_positions():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+def test_response_mask_includes_first_eos_only():
+    eos = 1
+    ids = torch.tensor([[4, 1, 5, 1], [4, 5, 6, 7], [1, 4, 4, 4]])
+    mask, ended = response_mask_from_ids(ids, eos)
+    assert mask.tolist() == [[True, True, False, False], [True, True, True, True], [True, False, False, False]]
+    assert ended.tolist() == [True, False, True]
+    mask, ended = response_mask_from_ids(ids, None)  # stop_at_eos off: every token is real
+    assert mask.all() and not ended.any()
+
+
+def _rollout(model_dir, tmp_path, temperature=1.0, n=8):
+    cfg = tiny_config(model_dir, tmp_path, rollout={"batch_size": n, "max_new_tokens": 6, "temperature": temperature})
+    tok = load_tokenizer(str(model_dir))
+    policy = load_policy(cfg.model)
+    ref = make_reference(policy)
+    recs = prompt_records(n)
+    prompts = [r["prompt"] for r in recs]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    torch.manual_seed(0)
+    r = collect(policy, ref, tok, ids, prompts, {}, cfg.rollout, device=torch.device("cpu"), forward_batch_size=4)
+    return r, policy, ref, tok
+
+
+def test_collect_shapes_masks_and_padding(tiny_model_dir, tmp_path):
+    r, policy, ref, tok = _rollout(tiny_model_dir, tmp_path)
+    B, T = r.response_ids.shape
+    assert B == 8 and T <= 6
+    for t in (r.logprobs, r.ref_logprobs, r.values, r.entropy):
+        assert t.shape == (B, T)
+        assert (t[~r.response_mask] == 0).all()  # nothing leaks past EOS
+    assert (r.response_ids[~r.response_mask] == tok.pad_token_id).all()
+    assert r.prompt_mask[:, -1].all()  # left padding: the last prompt column is always real
+    # policy and reference are identical before training
+    assert_close(r.logprobs, r.ref_logprobs)
+    assert len(r.completions) == B
+
+
+def test_logprobs_use_sampling_temperature(tiny_model_dir, tmp_path):
+    r, policy, _, _ = _rollout(tiny_model_dir, tmp_path, temperature=0.7)
+    ids, mask = r.input_ids, r.attention_mask.long()
+    T = r.response_ids.shape[1]
+    with torch.no_grad():
+        logits = policy.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    expected = torch.log_softmax(logits[:, -T - 1:-1] / 0.7, -1).gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)
+    assert_close(r.logprobs, expected * r.response_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_first_update_step_sees_ratio_one(tiny_model_dir, tmp_path):
+    """The trimmed minibatch forward of the update reproduces the rollout's logprobs: the ratio starts at 1."""
+    from ppo_lm.trainer import TrainState, _minibatch, score
+    from ppo_lm.data import PromptSampler
+    from ppo_lm.rewards import build_reward
+
+    r, policy, _, _ = _rollout(tiny_model_dir, tmp_path)
+    cfg = tiny_config(tiny_model_dir, tmp_path)
+    state = TrainState(iteration=1, sampler=PromptSampler(8, seed=0), kl_controller=algo.FixedKLController(0.1))
+    scored = score(r, build_reward(cfg.reward), state, cfg)
+    b = _minibatch(scored, torch.tensor([1, 5, 6]))
+    with torch.no_grad():
+        logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
+    logp = algo.logprobs_from_logits(logits, b["tokens"])
+    m = b["response_mask"]
+    assert_close(logp * m, b["old_logprobs"], atol=1e-5, rtol=1e-5)
+    assert_close(values * m, b["old_values"], atol=1e-5, rtol=1e-5)
