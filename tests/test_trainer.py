@@ -87,3 +87,11 @@ def test_lora_keeps_one_copy_and_disabled_adapters_are_the_reference(tiny_model_
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     with torch.no_grad():
         assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, policy_logits, atol=1e-5)
+
+
+def test_separate_critic_model(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, model={"name_or_path": str(tiny_model_dir),
+                                                        "critic": str(tiny_model_dir)}, train={"iterations": 2})
+    result = train(cfg, records=prompt_records())
+    assert result.policy.critic is not None
+    assert all(torch.isfinite(torch.tensor(m["value_loss"])) for m in result.metrics)

@@ -439,8 +439,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         _apply_override(raw, item)
     cfg = _Builder(source).build(Config, raw, "", None)
-    validate(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths,
-             base_dir=Path(path).parent if path is not None else Path("."))
+    validate(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths)
     return cfg
 
 
@@ -497,7 +496,7 @@ def _looks_local(name: str) -> bool:
 
 
 def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | None = None,
-             check_paths: bool = True, base_dir: Path = Path(".")) -> None:
+             check_paths: bool = True) -> None:
     """Range and consistency checks. Raises :class:`ConfigError` on the first problem found."""
     lines = lines or {}
 

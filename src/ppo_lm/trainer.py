@@ -18,7 +18,6 @@ All device placement, mixed precision and gradient accumulation go through ``acc
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import warnings
 from dataclasses import dataclass, field
