@@ -39,6 +39,9 @@ RECOMMEND = {"pos": ["i would recommend it to everyone", "i want to see it again
 PROMPTS = ["the movie was", "i watched this film with my", "the story is about", "honestly , the",
            "i saw it on", "the acting", "my friends said the", "after the first hour , the", "overall the",
            "this film is about", "the ending", "i went to see it with my", "the director", "in the end the"]
+# Openings never used in training, for the before/after evaluation (built from corpus words only).
+HELDOUT_PROMPTS = ["the soundtrack was", "my sister said the", "i watched it on friday with my", "the cast",
+                   "this movie is", "the plot was", "overall , the film", "the music"]
 
 
 def _adj(rng: random.Random, mood: str) -> str:
@@ -189,7 +192,7 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     cfg = demo_config(model_path, out, iterations)
     records = [{"prompt": p} for p in PROMPTS]
     sentiment = Sentiment()
-    eval_prompts = [p for p in PROMPTS for _ in range(8)]
+    eval_prompts = [p for p in HELDOUT_PROMPTS for _ in range(16)]
     before_model = AutoModelForCausalLM.from_pretrained(model_path)
     from transformers import AutoTokenizer
 
@@ -204,13 +207,13 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     after_model.eval()
     after_c, after_s = sample_table(after_model, tokenizer, eval_prompts, sentiment, seed=1)
 
-    table = Table(title="before / after PPO (one sample each, same seed)", show_lines=True)
+    table = Table(title="before / after PPO on held-out openings (one sample each, same seed)", show_lines=True)
     table.add_column("prompt", style="bold")
     table.add_column("before", max_width=48)
     table.add_column("score", justify="right")
     table.add_column("after", max_width=48)
     table.add_column("score", justify="right")
-    for i in range(0, len(eval_prompts), 8)[:8]:
+    for i in range(0, len(eval_prompts), 16):
         table.add_row(eval_prompts[i], before_c[i], f"{before_s[i]:+.2f}", after_c[i], f"{after_s[i]:+.2f}")
     console.print(table)
 

@@ -18,6 +18,7 @@ All device placement, mixed precision and gradient accumulation go through ``acc
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -213,16 +214,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create the output directory and prove it writable before anything heavy happens."""
+def check_output_dir(path: str | Path) -> Path:
+    """Fail early if the output directory cannot be created or written; create nothing yet, so that a run
+    refused for bad input leaves nothing behind."""
     out = Path(path).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"output directory is not writable: {out} ({e.strerror or e})", "train.output_dir") from None
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"output directory is not writable: {out} ({existing} is not a writable directory)",
+                        "train.output_dir")
     return out
 
 
@@ -242,7 +241,7 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     from transformers import get_scheduler
 
     console = console or Console(stderr=True)
-    out = prepare_output_dir(cfg.train.output_dir)
+    out = check_output_dir(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
 
     # --- 0. everything that can be wrong with the input is checked before a model is loaded
@@ -274,6 +273,7 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     if cfg.train.log_with:
         accelerator.init_trackers("ppo-lm", config=_flat(cfg.to_dict()))
     if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         (out / "metrics.jsonl").write_text("")
 
