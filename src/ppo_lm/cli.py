@@ -23,11 +23,18 @@ def _quiet_libraries() -> None:
 def cmd_train(args) -> int:
     from .config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + (["train.resume=auto"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     _quiet_libraries()
     from .trainer import train
 
     result = train(cfg)
+    if result.interrupted:
+        extra = " ".join(args.overrides)
+        print(f"stopped after iteration {result.metrics[-1]['iteration'] if result.metrics else 0}; checkpoint "
+              f"{result.checkpoint}. Resume with: ppo-lm train {args.config} {extra + ' ' if extra else ''}--resume",
+              file=sys.stderr)
+        return 0
     last = result.metrics[-1] if result.metrics else {}
     print(f"done: {len(result.metrics)} iterations, final reward {last.get('reward_mean', float('nan')):+.4f}, "
           f"kl {last.get('kl', float('nan')):.4f}; outputs in {result.output_dir}")
@@ -84,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="run PPO from a YAML config")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-5 rollout.batch_size=32")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in the output directory (train.resume=auto)")
     t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")

@@ -178,6 +178,12 @@ class PPOConfig:
     whiten_rewards: bool = False
     #: Stop the epochs of an iteration early when the approximate KL to the rollout policy exceeds this.
     target_kl: float | None = None
+    #: Updates whose loss or gradient is NaN/inf are skipped; this many in a row abort the run.
+    max_nonfinite_steps: int = 5
+    #: Bound on the per-response KL to the reference (null = none); see kl_limit_action.
+    kl_limit: float | None = None
+    #: What to do when the KL exceeds kl_limit: "warn" or "stop".
+    kl_limit_action: Literal["warn", "stop"] = "warn"
 
 
 @dataclass
@@ -202,6 +208,12 @@ class TrainConfig:
     save_final: bool = True
     #: Show the rich progress display.
     progress: bool = True
+    #: Write a checkpoint every this many iterations (0 = only when stopped by SIGINT/SIGTERM).
+    checkpoint_every: int = 25
+    #: How many of the newest checkpoints to keep.
+    keep_checkpoints: int = 2
+    #: "auto": continue from the newest complete checkpoint in output_dir/checkpoints (if any); "never": start fresh.
+    resume: Literal["never", "auto"] = "never"
 
 
 @dataclass
@@ -532,6 +544,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                        ("ppo.warmup_steps", cfg.ppo.warmup_steps), ("rollout.top_k", cfg.rollout.top_k),
                        ("model.value_head_init_std", cfg.model.value_head_init_std),
                        ("train.log_samples", cfg.train.log_samples),
+                       ("train.checkpoint_every", cfg.train.checkpoint_every),
                        ("train.log_samples_every", cfg.train.log_samples_every)]:
         positive(key, value, allow_zero=True)
     for key, value in [("ppo.gamma", cfg.ppo.gamma), ("ppo.gae_lambda", cfg.ppo.gae_lambda),

@@ -184,7 +184,7 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     from .tracking import plot_metrics
     from .trainer import train
 
-    console = console or Console()
+    console = console or Console(soft_wrap=True)
     t0 = time.time()
     out = Path(output_dir)
     model_path = demo_model(log=console.print)

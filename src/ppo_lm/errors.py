@@ -32,3 +32,9 @@ class ConfigError(UserError):
 
 class RewardError(UserError):
     """A reward source raised, returned NaN/inf, or returned the wrong length or type."""
+
+
+class TrainingDiverged(UserError):
+    """Training stopped because a quantity went non-finite repeatedly or the KL passed its bound."""
+
+    exit_code = 3

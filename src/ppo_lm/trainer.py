@@ -32,7 +32,8 @@ import yaml
 from . import algo
 from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
-from .errors import UserError
+from . import checkpoint as ckpt
+from .errors import RewardError, TrainingDiverged, UserError
 from .models import PolicyWithValue, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
@@ -49,7 +50,23 @@ class TrainState:
     kl_controller: algo.FixedKLController
     reward_stats: RunningMoments = field(default_factory=RunningMoments)
     samples_seen: int = 0
-    nonfinite_skips: int = 0
+    nonfinite_skips: int = 0  # updates skipped because a loss or gradient was NaN/inf, in total
+    nonfinite_streak: int = 0  # ... in a row, up to now
+    first_nonfinite: str | None = None  # which quantity went non-finite first
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
+                "kl_controller": self.kl_controller.state_dict(), "reward_stats": self.reward_stats.state_dict(),
+                "samples_seen": self.samples_seen, "nonfinite_skips": self.nonfinite_skips,
+                "nonfinite_streak": self.nonfinite_streak, "first_nonfinite": self.first_nonfinite}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.iteration, self.samples_seen = d["iteration"], d["samples_seen"]
+        self.sampler.load_state_dict(d["sampler"])
+        self.kl_controller.load_state_dict(d["kl_controller"])
+        self.reward_stats.load_state_dict(d["reward_stats"])
+        self.nonfinite_skips, self.nonfinite_streak = d["nonfinite_skips"], d["nonfinite_streak"]
+        self.first_nonfinite = d["first_nonfinite"]
 
 
 @dataclass
@@ -58,6 +75,8 @@ class TrainResult:
     tokenizer: object
     metrics: list[dict]
     output_dir: Path
+    interrupted: bool = False  #: stopped early by SIGINT/SIGTERM (a checkpoint was written)
+    checkpoint: Path | None = None  #: the newest checkpoint written or resumed from
 
 
 # ------------------------------------------------------------------------------------------ step 2+3
@@ -110,9 +129,21 @@ def _minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
                 returns=scored.returns[idx, :last])
 
 
+def _first_nonfinite(**quantities: torch.Tensor) -> str | None:
+    """Name of the first quantity (in the order given, i.e. the order they are computed) with a NaN/inf."""
+    for name, value in quantities.items():
+        if value is not None and not torch.isfinite(value).all():
+            return name
+    return None
+
+
 def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
            generator: torch.Generator) -> dict:
-    """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout."""
+    """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout.
+
+    An update whose loss or gradient is not finite is skipped (and counted); ``ppo.max_nonfinite_steps`` such
+    updates in a row raise :class:`TrainingDiverged` naming the quantity that went non-finite first.
+    """
     ppo = cfg.ppo
     params = trainable_parameters(policy)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac",
@@ -137,15 +168,20 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                         entropy = algo.masked_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature),
                                                    b["response_mask"])
                         loss = loss - ppo.ent_coef * entropy
-                    if not torch.isfinite(loss):
-                        # never step on a NaN/inf loss: drop this micro-batch's gradient and count it
-                        state.nonfinite_skips += 1
+                    bad = _first_nonfinite(logprobs=logprobs * b["response_mask"], values=values * b["response_mask"],
+                                           advantages=b["advantages"], policy_loss=pg_loss, value_loss=vf_loss)
+                    if bad is None:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or float("inf"))
+                            bad = None if torch.isfinite(norm) else "gradient"
+                            stats["grad_norm"].append(float(norm))
+                    if bad is not None:
+                        # never step on a NaN/inf: drop the gradient, count it, give up after K in a row
                         optimizer.zero_grad(set_to_none=True)
+                        _skip(state, bad, ppo.max_nonfinite_steps)
                         continue
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or float("inf"))
-                        stats["grad_norm"].append(float(norm))
+                    state.nonfinite_streak = 0
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -159,6 +195,17 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["epochs_run"] = epoch + 1
     return out
+
+
+def _skip(state: TrainState, quantity: str, limit: int) -> None:
+    state.nonfinite_skips += 1
+    state.nonfinite_streak += 1
+    state.first_nonfinite = state.first_nonfinite or quantity
+    if state.nonfinite_streak >= limit:
+        raise TrainingDiverged(
+            f"{state.nonfinite_streak} updates in a row had a non-finite value (first: {state.first_nonfinite}, "
+            f"at iteration {state.iteration}); lower ppo.lr, check the reward scale, or set reward.clip",
+            "ppo.max_nonfinite_steps")
 
 
 # --------------------------------------------------------------------------------------------- step 5
@@ -240,26 +287,30 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     from rich.console import Console
     from transformers import get_scheduler
 
-    console = console or Console(stderr=True)
+    from . import __version__
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    warn = lambda m: console.print(f"[yellow]{m}[/]")  # noqa: E731
     out = check_output_dir(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
 
     # --- 0. everything that can be wrong with the input is checked before a model is loaded
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                               notice=lambda m: console.print(f"[yellow]{m}[/]"))
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code, notice=warn)
     records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset: PromptDataset = build_prompt_dataset(records, tokenizer, cfg.data, source=cfg.data.path or "records")
     for w in caught:
-        console.print(f"[yellow]warning: {w.message}[/]")
+        warn(f"warning: {w.message}")
+    resume_from = _find_resume_checkpoint(cfg, out, warn)
     accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                               log_with=cfg.train.log_with or None, project_dir=str(out))
     reward = make_reward(cfg, reward_fn, accelerator.device)
 
     # --- models, optimiser, schedule
-    policy = load_policy(cfg.model, notice=lambda m: console.print(f"[yellow]{m}[/]"))
+    policy = load_policy(cfg.model, notice=warn)
     ref = make_reference(policy)
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps,
                                   weight_decay=cfg.ppo.weight_decay)
@@ -270,24 +321,44 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     if ref is not None:
         ref.to(accelerator.device)
     unwrapped: PolicyWithValue = accelerator.unwrap_model(policy)
-    if cfg.train.log_with:
-        accelerator.init_trackers("ppo-lm", config=_flat(cfg.to_dict()))
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        (out / "metrics.jsonl").write_text("")
 
     kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
               if cfg.ppo.adaptive_kl else algo.FixedKLController(cfg.ppo.kl_coef))
     state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
                        kl_controller=kl_ctl)
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    metrics_log = MetricsLog(out / "metrics.jsonl", accelerator)
-    timer = PhaseTimer()
+    metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
+    if resume_from is not None:
+        history = _restore(resume_from, unwrapped, optimizer, scheduler, state, generator, metrics_path)
+        console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume_from is None:
+            metrics_path.write_text("")
+    if cfg.train.log_with:
+        accelerator.init_trackers("ppo-lm", config=_flat(cfg.to_dict()))
+    metrics_log = MetricsLog(metrics_path, accelerator)
+    timer = PhaseTimer()
     world, rank = accelerator.num_processes, accelerator.process_index
+    last_checkpoint = resume_from.path if resume_from else None
 
-    with _progress(console, cfg.train.iterations, enabled=cfg.train.progress and accelerator.is_main_process) as bar:
+    def save_checkpoint() -> Path:
+        accelerator.wait_for_everyone()
+        path = None
+        if accelerator.is_main_process:
+            path = ckpt.save(out / "checkpoints", state.iteration,
+                             model_state={k: p for k, p in unwrapped.named_parameters() if p.requires_grad},
+                             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                             trainer_state=state.state_dict(), rng=ckpt.rng_state(generator),
+                             config=cfg.to_dict(), version=__version__, keep=cfg.train.keep_checkpoints)
+        return path
+
+    interrupted = False
+    with _StopOnSignal() as stop, \
+            _progress(console, cfg.train.iterations, enabled=cfg.train.progress and accelerator.is_main_process,
+                      done=state.iteration) as bar:
         while state.iteration < cfg.train.iterations:
             state.iteration += 1
             timer.reset()
@@ -298,7 +369,10 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                                   device=accelerator.device, forward_batch_size=cfg.minibatch_size,
                                   autocast=accelerator.autocast)
             with timer("score"):  # steps 2 and 3
-                scored = score(rollout, reward, state, cfg)
+                try:
+                    scored = score(rollout, reward, state, cfg)
+                except RewardError as e:
+                    raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
             with timer("train"):  # step 4
                 train_stats = update(policy, optimizer, scheduler, accelerator, scored, state, cfg, generator)
             state.samples_seen += len(indices) * world
@@ -307,18 +381,113 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
             metrics_log.log(metrics, step=state.iteration)  # step 5
             history.append(metrics)
             bar(metrics)
+            _check_kl(metrics["kl"], cfg, state, warn)
             if (cfg.train.log_samples and cfg.train.log_samples_every
                     and state.iteration % cfg.train.log_samples_every == 0 and accelerator.is_main_process):
                 _print_samples(console, scored, cfg.train.log_samples)
+            if stop.requested or (cfg.train.checkpoint_every and state.iteration % cfg.train.checkpoint_every == 0):
+                last_checkpoint = save_checkpoint() or last_checkpoint
+            if stop.requested and state.iteration < cfg.train.iterations:
+                interrupted = True
+                warn(f"stopped by {stop.requested} after iteration {state.iteration}; checkpoint: {last_checkpoint}")
+                break
 
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not interrupted:
         if history:
             plot_metrics(history, out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
         if cfg.train.save_final:
             save_policy(unwrapped, tokenizer, out / "final")
     accelerator.end_training()
-    return TrainResult(policy=unwrapped, tokenizer=tokenizer, metrics=history, output_dir=out)
+    return TrainResult(policy=unwrapped, tokenizer=tokenizer, metrics=history, output_dir=out,
+                       interrupted=interrupted, checkpoint=last_checkpoint)
+
+
+def _find_resume_checkpoint(cfg: Config, out: Path, warn) -> ckpt.Checkpoint | None:
+    """With ``train.resume: auto``, the newest intact checkpoint whose config allows an exact resume."""
+    if cfg.train.resume != "auto":
+        return None
+    found = ckpt.newest_valid(out / "checkpoints", warn)
+    if found is None:
+        warn(f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
+        return None
+    import yaml as _yaml
+
+    saved = _yaml.safe_load((found.path / "config.yaml").read_text())
+    differ = ckpt.incompatible_fields(saved, cfg.to_dict())
+    if differ:
+        raise UserError(f"the config differs from the checkpoint's in {', '.join(differ)}, which breaks exact "
+                        f"resume; restore those values or use a new train.output_dir", str(found.path))
+    return found
+
+
+def _restore(found: ckpt.Checkpoint, policy, optimizer, scheduler, state: TrainState, generator,
+             metrics_path: Path) -> list[dict]:
+    """Load a checkpoint into the live objects; cut metrics.jsonl back to the checkpoint's iteration."""
+    data = ckpt.load(found.path)
+    missing = set(data["model"]) ^ {k for k, p in policy.named_parameters() if p.requires_grad}
+    if missing:
+        raise UserError(f"checkpoint parameters do not match the model ({len(missing)} names differ, e.g. "
+                        f"{sorted(missing)[0]})", str(found.path))
+    params = dict(policy.named_parameters())
+    with torch.no_grad():
+        for name, value in data["model"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    state.load_state_dict(data["state"])
+    ckpt.set_rng_state(data["rng"], generator)
+    rows = []
+    if metrics_path.exists():
+        import json
+
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("iteration", 0) <= state.iteration]
+        tmp = metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(metrics_path)
+    return rows
+
+
+def _check_kl(kl: float, cfg: Config, state: TrainState, warn) -> None:
+    if cfg.ppo.kl_limit is None or kl <= cfg.ppo.kl_limit:
+        return
+    message = (f"KL to the reference is {kl:.3f} nats per response at iteration {state.iteration}, over "
+               f"ppo.kl_limit ({cfg.ppo.kl_limit}); raise ppo.kl_coef or lower ppo.lr")
+    if cfg.ppo.kl_limit_action == "stop":
+        raise TrainingDiverged(message, "ppo.kl_limit")
+    warn(f"warning: {message}")
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the loop to finish the current iteration, checkpoint and return; a second signal
+    interrupts at once."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.requested: str | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.requested:  # second signal: give up now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -335,8 +504,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 class _progress:
     """A rich progress bar that shows the latest reward and KL; silent when disabled."""
 
-    def __init__(self, console, total: int, enabled: bool):
-        self.console, self.total, self.enabled = console, total, enabled
+    def __init__(self, console, total: int, enabled: bool, done: int = 0):
+        self.console, self.total, self.enabled, self.done = console, total, enabled, done
 
     def __enter__(self):
         if not self.enabled:
@@ -346,7 +515,7 @@ class _progress:
         self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                  TextColumn("{task.description}"), console=self.console, transient=False)
         self.progress.__enter__()
-        task = self.progress.add_task("", total=self.total)
+        task = self.progress.add_task("", total=self.total, completed=self.done)
 
         def advance(m: dict) -> None:
             desc = (f"reward {m['reward_mean']:+.3f}  kl {m['kl']:.3f}  entropy {m['entropy']:.2f}  "

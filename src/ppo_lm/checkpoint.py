@@ -1,0 +1,209 @@
+"""Checkpoints that survive crashes: atomic writes, checksums, keep-last-N, and everything needed to resume
+a run exactly (model, optimiser, scheduler, KL controller, reward statistics, RNG states, data position).
+
+Layout under ``output_dir/checkpoints``::
+
+    ckpt-000010/            one complete checkpoint (written as ckpt-000010.tmp-PID, then renamed)
+        model.safetensors   trainable module state (policy, LoRA adapters, value head, critic)
+        optimizer.pt        torch.save of the optimiser state (loaded with weights_only=True)
+        scheduler.pt
+        rng.pt              python / numpy / torch / update-shuffle generator states
+        state.json          iteration, KL controller, reward statistics, sampler position, counters
+        config.yaml         the run's config
+        MANIFEST.json       sha256 and size of every file above, the package version; written last
+    latest                  the name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint without a valid MANIFEST, or whose files do not match it, is skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from .errors import UserError
+
+CKPT_PREFIX = "ckpt-"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    iteration: int
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def save(root: Path, iteration: int, *, model_state: dict, optimizer_state: dict, scheduler_state: dict,
+         trainer_state: dict, rng: dict, config: dict, version: str, keep: int,
+         write_hook: Callable[[Path], None] | None = None) -> Path:
+    """Write checkpoint ``iteration`` atomically and keep only the newest ``keep``. A failure (disk full, ...)
+    removes the partial directory and raises :class:`UserError`; older checkpoints stay valid."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"{CKPT_PREFIX}{iteration:06d}"
+    final, tmp = root / name, root / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        torch.save(rng, tmp / "rng.pt")
+        _write_json(tmp / "state.json", trainer_state)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+        if write_hook is not None:
+            write_hook(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for p in files:
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        manifest = {"iteration": iteration, "version": version,
+                    "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+        _write_json(tmp / "MANIFEST.json", manifest)  # last: its presence marks the checkpoint complete
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+        pointer = root / f"latest.tmp-{os.getpid()}"
+        pointer.write_text(name + "\n")
+        pointer.replace(root / "latest")
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "disk full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise UserError(f"could not write checkpoint {final}: {reason}; earlier checkpoints are intact",
+                        "train.checkpoint_every") from None
+    for old in list_checkpoints(root)[keep:]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Checkpoint]:
+    """Checkpoint directories (complete or not), newest first."""
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        suffix = p.name[len(CKPT_PREFIX):]
+        if p.is_dir() and p.name.startswith(CKPT_PREFIX) and suffix.isdigit():
+            out.append(Checkpoint(p, int(suffix)))
+    return sorted(out, key=lambda c: c.iteration, reverse=True)
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = path / "MANIFEST.json"
+    if not manifest_path.is_file():
+        return "no MANIFEST.json (it was never completed)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return "MANIFEST.json is unreadable"
+    for name, meta in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum (truncated or altered)"
+    return None
+
+
+def newest_valid(root: Path, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest intact checkpoint; damaged ones are skipped with a warning."""
+    for ckpt in list_checkpoints(root):
+        problem = verify(ckpt.path)
+        if problem is None:
+            return ckpt
+        warn(f"skipping damaged checkpoint {ckpt.path}: {problem}")
+    return None
+
+
+def load(path: Path) -> dict:
+    """Everything in a checkpoint; tensors with ``weights_only=True`` (no arbitrary pickles)."""
+    from safetensors.torch import load_file
+
+    return {
+        "model": load_file(str(path / "model.safetensors")),
+        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+        "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+        "rng": torch.load(path / "rng.pt", weights_only=True),
+        "state": json.loads((path / "state.json").read_text()),
+        "config": yaml.safe_load((path / "config.yaml").read_text()),
+        "manifest": json.loads((path / "MANIFEST.json").read_text()),
+    }
+
+
+# Config fields that may change between a run and its resumption without breaking exactness.
+RESUME_SAFE = {"train.iterations", "train.output_dir", "train.progress", "train.log_samples",
+               "train.log_samples_every", "train.log_with", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.resume", "train.save_final"}
+
+
+def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted names of config fields whose values differ in a way that breaks exact resume."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += incompatible_fields(a, b, dotted + ".")
+        elif a != b and dotted not in RESUME_SAFE:
+            out.append(dotted)
+    return out
