@@ -34,7 +34,7 @@ from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from . import checkpoint as ckpt
 from .errors import RewardError, TrainingDiverged, UserError
-from .models import PolicyWithValue, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
+from .models import PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
 from .tracking import MetricsLog, PhaseTimer, plot_metrics
@@ -295,12 +295,15 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     seed_everything(cfg.train.seed)
 
     # --- 0. everything that can be wrong with the input is checked before a model is loaded
+    model_config = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
+                                       trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=warn)
     records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
+    data_cfg = _fit_context(cfg, model_config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset: PromptDataset = build_prompt_dataset(records, tokenizer, cfg.data, source=cfg.data.path or "records")
+        dataset: PromptDataset = build_prompt_dataset(records, tokenizer, data_cfg, source=cfg.data.path or "records")
     for w in caught:
         warn(f"warning: {w.message}")
     resume_from = _find_resume_checkpoint(cfg, out, warn)
@@ -401,6 +404,20 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     accelerator.end_training()
     return TrainResult(policy=unwrapped, tokenizer=tokenizer, metrics=history, output_dir=out,
                        interrupted=interrupted, checkpoint=last_checkpoint)
+
+
+def _fit_context(cfg: Config, model_config):
+    """Prompt + response must fit the model's context: lower the prompt budget to what is left after
+    ``max_new_tokens`` (the usual ``prompt_overflow`` rule then truncates or refuses)."""
+    context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                    if isinstance(getattr(model_config, k, None), int)), None)
+    if context is None or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens <= context:
+        return cfg.data
+    room = context - cfg.rollout.max_new_tokens
+    if room < 1:
+        raise UserError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) leaves no room for a prompt in the "
+                        f"model's context of {context} tokens", "rollout.max_new_tokens")
+    return dataclasses.replace(cfg.data, max_prompt_tokens=room)
 
 
 def _find_resume_checkpoint(cfg: Config, out: Path, warn) -> ckpt.Checkpoint | None:
