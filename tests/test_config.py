@@ -87,3 +87,15 @@ def test_required_model_and_bad_override(tmp_path):
         load_config(write(tmp_path, GOOD), ["ppo.lr"], check_paths=False)
     with pytest.raises(ConfigError, match=r"command line: ppo.lr: expected a number"):
         load_config(write(tmp_path, GOOD), ["ppo.lr=fast"], check_paths=False)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.keep_checkpoints=0", "train.keep_checkpoints: must be > 0"),
+    ("ppo.max_nonfinite_steps=0", "ppo.max_nonfinite_steps: must be > 0"),
+    ("ppo.kl_limit=-1", "ppo.kl_limit: must be > 0"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every: must be >= 0"),
+    ("train.resume=yes", "train.resume: must be one of never, auto"),
+])
+def test_reliability_settings_are_range_checked(tmp_path, override, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        load_config(write(tmp_path, GOOD), [override], check_paths=False)

@@ -537,7 +537,9 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                        ("rollout.generation_batch_size", cfg.rollout.generation_batch_size),
                        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens),
                        ("train.iterations", cfg.train.iterations), ("model.lora.r", cfg.model.lora.r),
-                       ("model.lora.alpha", cfg.model.lora.alpha), ("reward.clip", cfg.reward.clip)]:
+                       ("model.lora.alpha", cfg.model.lora.alpha), ("reward.clip", cfg.reward.clip),
+                       ("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("ppo.max_nonfinite_steps", cfg.ppo.max_nonfinite_steps), ("ppo.kl_limit", cfg.ppo.kl_limit)]:
         positive(key, value)
     for key, value in [("ppo.vf_coef", cfg.ppo.vf_coef), ("ppo.ent_coef", cfg.ppo.ent_coef),
                        ("ppo.kl_coef", cfg.ppo.kl_coef), ("ppo.weight_decay", cfg.ppo.weight_decay),

@@ -52,7 +52,7 @@ class TrainState:
     samples_seen: int = 0
     nonfinite_skips: int = 0  # updates skipped because a loss or gradient was NaN/inf, in total
     nonfinite_streak: int = 0  # ... in a row, up to now
-    first_nonfinite: str | None = None  # which quantity went non-finite first
+    first_nonfinite: str | None = None  # which quantity went non-finite first in the current streak
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "sampler": self.sampler.state_dict(),
@@ -181,7 +181,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                         optimizer.zero_grad(set_to_none=True)
                         _skip(state, bad, ppo.max_nonfinite_steps)
                         continue
-                    state.nonfinite_streak = 0
+                    state.nonfinite_streak, state.first_nonfinite = 0, None
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
