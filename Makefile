@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-compare clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
+
+# Side by side with TRL's PPOTrainer; needs TRL_PEER_VENV (a venv with trl==1.12.0), skips without it.
+bench-compare: $(STAMP)
+	$(BIN)/python scripts/bench_compare.py --sizes $(or $(SIZES),tiny)

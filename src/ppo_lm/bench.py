@@ -20,6 +20,7 @@ import random
 import resource
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +80,48 @@ def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_
     })
 
 
+def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0, n: int = 2048) -> float:
+    """Achieved FLOP/s of a square matmul in ``dtype``: the machine's practical peak for that dtype."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):  # best of five short trials: a busy neighbour lowers some of them
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 5:
+            a @ b
+            reps += 1
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
+    """Matmul FLOPs of one PPO iteration, counted from the shapes (the usual 2 FLOPs per multiply-add,
+    backward = 2 x forward):
+
+    * per token through the trunk: 2 N (N = parameters outside the embeddings) + 4 L S d (attention scores
+      and their weighted sum over a context of S tokens);
+    * per response token through the LM head: 2 d V (the prompt's logits are never computed);
+    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation of each new token
+      (context grows) plus the policy and reference forwards over the full sequences.
+    """
+    cfg = lm.config
+    d = cfg.hidden_size
+    layers = cfg.num_hidden_layers
+    vocab = lm.get_output_embeddings().weight.shape[0]
+    embeddings = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Embedding))
+    n_trunk = sum(p.numel() for p in lm.parameters()) - embeddings
+    if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
+        n_trunk -= lm.get_output_embeddings().weight.numel()
+    seq = prompt_len + new_tokens
+    fwd_seq = (2 * n_trunk + 4 * layers * seq * d) * seq + 2 * d * vocab * new_tokens
+    generate = sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens))
+    return {"train": 3 * fwd_seq * batch * epochs, "rollout": batch * (generate + 2 * fwd_seq)}
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -87,6 +130,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     from .trainer import train
 
     iterations = max(2, iterations)
+    peaks = {name: matmul_peak_flops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(target=build_models, args=(tmp, size))
@@ -98,6 +142,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
+        base = result.policy.lm.get_base_model() if lora else result.policy.lm
+        flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
     rows = result.metrics[1:]  # iteration 1 is warm-up
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
@@ -110,6 +156,13 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "tokens_per_s": round(tokens / med("time_iteration_s"), 1),
         "rollout_tokens_per_s": round(tokens / med("time_rollout_s"), 1),
         "peak_rss_mib": round(peak_rss_mib(), 1),
+        "train_tflops": round(flops["train"] / 1e12, 3),
+        "train_gflops_per_s": round(flops["train"] / med("time_train_s") / 1e9, 1),
+        "matmul_peak_fp32_gflops_per_s": round(peaks["fp32"] / 1e9, 1),
+        "matmul_peak_bf16_gflops_per_s": round(peaks["bf16"] / 1e9, 1),
+        "train_mfu_vs_fp32_peak": round(flops["train"] / med("time_train_s") / peaks["fp32"], 3),
+        "train_mfu_vs_bf16_peak": round(flops["train"] / med("time_train_s") / peaks["bf16"], 3),
+        "rollout_gflops_per_s": round(flops["rollout"] / med("time_rollout_s") / 1e9, 1),
         "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

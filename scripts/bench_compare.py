@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Run TRL's PPOTrainer (the peer) and `ppo-lm bench` on the same fixed configuration, one after the other on
+this machine, and print the ratios.
+
+    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python scripts/bench_compare.py --sizes tiny small
+
+TRL_PEER_VENV is a virtual environment with trl==1.12.0 installed (see ../shared/peers/trl_ppo/README.md).
+Without it the script says so and exits 0. The peer's scaffolding is read from ../shared/peers/trl_ppo
+(or PEER_DIR). Each run is a separate process, so peak RSS is per run. Results go to --out as JSON, with a
+plot of seconds per phase beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = {"fp32": [], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"], "lora-bf16": ["--lora", "--mixed-precision", "bf16"]}
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON line in output:\n{text[-2000:]}")
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> dict:
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return last_json(proc.stdout)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        names, rollout, train, other = [], [], [], []
+        t = res["trl"]
+        names.append("TRL fp32")
+        rollout.append(t["rollout_sec_median"])
+        train.append(t["optim_sec_median"])
+        other.append(0.0)
+        for mode, ours in res["ppo_lm"].items():
+            names.append(f"ppo-lm {mode}")
+            rollout.append(ours["rollout_s"])
+            train.append(ours["train_s"])
+            other.append(ours["score_s"])
+        ax.bar(names, rollout, label="rollout")
+        ax.bar(names, other, bottom=rollout, label="score")
+        ax.bar(names, train, bottom=[r + o for r, o in zip(rollout, other)], label="train")
+        ax.set_title(f"{res['size']}: seconds per PPO iteration")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", "small"])
+    ap.add_argument("--modes", nargs="+", default=["fp32", "bf16", "lora"], choices=list(MODES))
+    ap.add_argument("--trl-iters", type=int, default=None, help="default: 5 for tiny, 3 for small (as results.md)")
+    ap.add_argument("--iters", type=int, default=None, help="ppo-lm iterations; default: same as TRL")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "bench-compare.json"))
+    a = ap.parse_args()
+
+    venv = os.environ.get("TRL_PEER_VENV")
+    peer_python = Path(venv or "", "bin", "python")
+    peer_dir = Path(os.environ.get("PEER_DIR", ROOT.parent / "shared" / "peers" / "trl_ppo"))
+    if not venv or not peer_python.exists():
+        print("bench-compare skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0 "
+              "(see ../shared/peers/trl_ppo/README.md)")
+        return 0
+    if not (peer_dir / "bench_trl_ppo.py").exists():
+        print(f"bench-compare skipped: no peer scaffolding in {peer_dir} (set PEER_DIR)")
+        return 0
+    models = Path(os.environ.get("TRL_PEER_MODELS", "/tmp/trl-peer/models"))
+    results = []
+    for size in a.sizes:
+        if not (models / size / "policy").exists():
+            subprocess.run([str(peer_python), "make_models.py", str(models), "--size", size], cwd=peer_dir, check=True)
+        trl_iters = a.trl_iters or (5 if size == "tiny" else 3)
+        trl = run([str(peer_python), "bench_trl_ppo.py", "--models", str(models), "--size", size,
+                   "--iters", str(trl_iters)], cwd=peer_dir)
+        ours = {}
+        for mode in a.modes:
+            ours[mode] = run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size,
+                              "--iterations", str(a.iters or trl_iters), *MODES[mode]])
+        ratios = {mode: {"speedup_vs_trl": round(trl["sec_per_iter_median"] / o["seconds_per_iteration"], 2),
+                         "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3)}
+                  for mode, o in ours.items()}
+        results.append({"size": size, "trl": trl, "ppo_lm": ours, "ratios": ratios})
+        print(json.dumps({"size": size, "trl_s_per_iter": trl["sec_per_iter_median"],
+                          "trl_peak_rss_mib": trl["peak_rss_mib"],
+                          **{f"{m}_{k}": v for m, r in ratios.items() for k, v in r.items()}}), flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    out.write_text(json.dumps({"date_utc": stamp, "results": results}, indent=1))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+#!/usr/bin/env python
+"""Is learning traded for speed? Train the same random-init `tiny` policy on the same task, seed and
+hyper-parameters with TRL's PPOTrainer and with ppo-lm, and plot both reward curves against samples seen.
+
+    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python scripts/learning_parity.py --iters 30
+
+Task: reward = fraction of the 32 response tokens whose id is in [3, 4096) of an 8192-word vocabulary (so a
+random policy starts near 0.5). Configuration otherwise as `ppo-lm bench` (64 prompts of 16 tokens, 4 epochs x 4
+minibatches, kl_coef 0.05 k1, gamma 1, lambda 0.95, clip 0.2/0.2, vf_coef 0.1, fp32). One difference is by
+design: TRL trains a separate value model, ppo-lm a value head on the policy's trunk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+VOCAB, BELOW = 8192, 4096
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
+    a = ap.parse_args()
+    venv = os.environ.get("TRL_PEER_VENV")
+    if not venv or not Path(venv, "bin", "python").exists():
+        print("learning-parity skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0")
+        return 0
+
+    import torch
+
+    from ppo_lm import toy
+    from ppo_lm.bench import SHAPES, WORDS, bench_config, synthetic_prompts
+    from ppo_lm.config import config_from_dict
+    from ppo_lm.trainer import train
+
+    words = list(dict.fromkeys(WORDS))
+    words += [f"w{i}" for i in range(VOCAB - len(toy.SPECIAL_TOKENS) - len(words))]
+    tok = toy.word_tokenizer(words)
+    assert len(tok) == VOCAB
+    targets = {tok.convert_ids_to_tokens(i) for i in range(3, BELOW)}
+
+    def reward(prompts, completions, fields):
+        return torch.tensor([sum(w in targets for w in c.split()) / 32 for c in completions])
+
+    with tempfile.TemporaryDirectory(prefix="ppo-lm-parity-") as tmp:
+        toy.save_model(toy.gpt2(tok, seed=1, **SHAPES["tiny"]), tok, Path(tmp) / "policy")
+        prompts = synthetic_prompts()
+        (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
+        cmd = [str(Path(venv, "bin", "python")), str(ROOT / "scripts" / "parity_trl.py"), "--models", tmp,
+               "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
+               "--seed", str(a.seed), "--target-below", str(BELOW)]
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:])
+            return 1
+        trl = json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
+
+        cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
+        d = cfg.to_dict()
+        d["ppo"]["lr"], d["train"]["seed"] = a.lr, a.seed
+        d["reward"] = {"sources": [{"type": "sentiment"}]}  # replaced by reward_fn below
+        result = train(config_from_dict(d), reward_fn=reward, records=[{"prompt": p} for p in prompts])
+        ours = [m["reward_mean"] for m in result.metrics]
+
+    def tail(xs):
+        return round(sum(xs[-5:]) / len(xs[-5:]), 4)
+
+    summary = {"iterations": a.iters, "lr": a.lr, "seed": a.seed, "mixed_precision": a.mixed_precision,
+               "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
+               "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
+               "trl_last5_mean": tail(trl), "ppo_lm_last5_mean": tail(ours)}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=1))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
+    ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".", label=f"ppo-lm ({a.mixed_precision})")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean reward of the batch")
+    ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_reward")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""The TRL half of scripts/learning_parity.py; runs in the peer's virtual environment (trl==1.12.0), not ours.
+
+It trains the policy in MODELS/policy with TRL's PPOTrainer on the task of learning_parity.py (reward = the
+fraction of response tokens whose id is below --target-below) and prints, as its last line, a JSON object with
+the mean score of every PPO iteration. TRL's reward model must be a module with a backbone and a ``score``
+head; ``CountingReward`` computes the task's reward exactly in that shape.
+"""
+import argparse
+import json
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from datasets import Dataset
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, TrainerCallback
+
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+
+class _Backbone(nn.Module):
+    def __init__(self, context_length: int, below: int):
+        super().__init__()
+        self.context_length, self.below = context_length, below
+        self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        hit = (input_ids < self.below).float()
+        hit[:, : self.context_length] = 0
+        steps = torch.arange(input_ids.shape[1], device=input_ids.device) - self.context_length + 1
+        frac = hit.cumsum(1) / steps.clamp(min=1)  # fraction of target tokens among the response so far
+        return SimpleNamespace(hidden_states=[frac.unsqueeze(-1)])
+
+
+class CountingReward(nn.Module):
+    base_model_prefix = "backbone"
+
+    def __init__(self, context_length: int, below: int):
+        super().__init__()
+        self.backbone = _Backbone(context_length, below)
+        self.score = nn.Identity()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", required=True)
+    ap.add_argument("--prompts", required=True, help="JSON file: list of prompt strings")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target-below", type=int, required=True)
+    a = ap.parse_args()
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(os.path.join(a.models, "policy"))
+    policy = AutoModelForCausalLM.from_pretrained(os.path.join(a.models, "policy"))
+    torch.manual_seed(2)
+    value = GPT2ForSequenceClassification(GPT2Config(**{**policy.config.to_dict(), "num_labels": 1}))
+    prompts = json.load(open(a.prompts))
+    enc = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert len({len(e) for e in enc}) == 1, "prompts must share one length (no padding in TRL's context)"
+    scores = []
+
+    class Scores(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "objective/scores" in logs:
+                scores.append(logs["objective/scores"])
+
+    cfg = PPOConfig(output_dir=os.path.join(a.models, "trl-run"), report_to="none", save_strategy="no", logging_steps=1,
+                    disable_tqdm=True, use_cpu=True, bf16=False, fp16=False, seed=a.seed, learning_rate=a.lr,
+                    lr_scheduler_type="constant", per_device_train_batch_size=64, gradient_accumulation_steps=1,
+                    num_mini_batches=4, num_ppo_epochs=4, total_episodes=a.iters * 64,
+                    local_rollout_forward_batch_size=64, response_length=32, temperature=1.0, stop_token=None,
+                    stop_token_id=None, missing_eos_penalty=None, kl_coef=0.05, kl_estimator="k1", gamma=1.0,
+                    lam=0.95, cliprange=0.2, cliprange_value=0.2, whiten_rewards=False, num_sample_generations=0,
+                    per_device_eval_batch_size=64)
+    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=None,
+                         reward_model=CountingReward(len(enc[0]), a.target_below), value_model=value,
+                         train_dataset=Dataset.from_dict({"input_ids": enc}),
+                         eval_dataset=Dataset.from_dict({"input_ids": enc[:64]}), callbacks=[Scores()])
+    trainer.train()
+    print(json.dumps({"tool": "trl", "reward_mean": scores}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
