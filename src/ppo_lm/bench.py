@@ -40,6 +40,9 @@ SHAPES = {
     "tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128),
     "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
 }
+# For a lent GPU: a 0.5B-parameter Qwen2-shaped model (Qwen2.5-0.5B's shape), random init, bf16 weights.
+QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
 
 
 def synthetic_prompts(n: int = 256, words_per_prompt: int = 16, seed: int = 1234) -> list[str]:
@@ -55,20 +58,31 @@ def build_models(root: str, size: str) -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = toy.word_tokenizer(WORDS)
+    ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if size == "qwen0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
+
+        torch.manual_seed(1)
+        policy = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B, **ids)).to(torch.bfloat16)
+        toy.save_model(policy, tok, Path(root) / "policy")
+        torch.manual_seed(3)
+        reward = Qwen2ForSequenceClassification(Qwen2Config(**QWEN_05B, num_labels=1, **ids)).to(torch.bfloat16)
+        toy.save_model(reward, tok, Path(root) / "reward")
+        return
     shape = dict(SHAPES[size])
     policy = toy.gpt2(tok, seed=1, **shape)
     toy.save_model(policy, tok, Path(root) / "policy")
-    config = GPT2Config(num_labels=1, bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id, **shape)
+    config = GPT2Config(num_labels=1, **ids, **shape)
     torch.manual_seed(3)
     toy.save_model(GPT2ForSequenceClassification(config), tok, Path(root) / "reward")
 
 
-def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str):
+def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
+                 dtype: str = "float32"):
     from .config import config_from_dict
 
     return config_from_dict({
-        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}},
+        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
@@ -130,7 +144,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     from .trainer import train
 
     iterations = max(2, iterations)
-    peaks = {name: matmul_peak_flops(dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peaks = {name: matmul_peak_flops(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(target=build_models, args=(tmp, size))
@@ -138,7 +153,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
-        cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision)
+        cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
+                           dtype="bfloat16" if size == "qwen0.5b" else "float32")
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
@@ -165,6 +181,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "rollout_gflops_per_s": round(flops["rollout"] / med("time_rollout_s") / 1e9, 1),
         "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="time PPO iterations on a fixed configuration; prints one JSON line")
-    b.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    b.add_argument("--size", choices=["tiny", "small", "qwen0.5b"], default="tiny",
+                   help="tiny: 4x256 GPT-2; small: GPT-2 124M shape; qwen0.5b: 0.5B Qwen2 shape in bf16 (for a GPU)")
     b.add_argument("--iterations", type=int, default=4, help="iterations; the first is warm-up")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (reference = adapters off)")
     b.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")

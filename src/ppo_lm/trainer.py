@@ -348,7 +348,7 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     world, rank = accelerator.num_processes, accelerator.process_index
     last_checkpoint = resume_from.path if resume_from else None
 
-    def save_checkpoint() -> Path:
+    def save_checkpoint() -> Path | None:
         accelerator.wait_for_everyone()
         path = None
         if accelerator.is_main_process:
@@ -429,9 +429,7 @@ def _find_resume_checkpoint(cfg: Config, out: Path, warn) -> ckpt.Checkpoint | N
     if found is None:
         warn(f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
         return None
-    import yaml as _yaml
-
-    saved = _yaml.safe_load((found.path / "config.yaml").read_text())
+    saved = yaml.safe_load((found.path / "config.yaml").read_text())
     differ = ckpt.incompatible_fields(saved, cfg.to_dict())
     if differ:
         raise UserError(f"the config differs from the checkpoint's in {', '.join(differ)}, which breaks exact "

@@ -1,0 +1,41 @@
+import torch
+
+from ppo_lm import toy
+from ppo_lm.bench import model_flops, synthetic_prompts
+
+
+def test_model_flops_by_hand():
+    tok = toy.word_tokenizer("a b c d e f g h i j".split())  # 13 tokens
+    lm = toy.gpt2(tok, n_layer=1, n_embd=8, n_head=2, n_positions=16)
+    # trunk parameters (embeddings excluded, head tied): c_attn 8*24+24, attn c_proj 8*8+8, c_fc 8*32+32,
+    # mlp c_proj 32*8+8, two layer norms 2*16, final layer norm 16
+    n = (8 * 24 + 24) + (8 * 8 + 8) + (8 * 32 + 32) + (32 * 8 + 8) + 2 * 16 + 16
+    assert n == 888
+    prompt, new, seq = 2, 3, 5
+    fwd = (2 * n + 4 * 1 * seq * 8) * seq + 2 * 8 * 13 * new
+    gen = sum(2 * n + 4 * 1 * (prompt + t) * 8 + 2 * 8 * 13 for t in range(new))
+    flops = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1)
+    assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + 2 * fwd)}
+    assert flops["train"] == 61824 and flops["rollout"] == 53696
+
+
+def test_bench_prompts_match_the_peer_recipe():
+    prompts = synthetic_prompts()
+    assert len(prompts) == 256 and all(len(p.split()) == 16 for p in prompts)
+    assert prompts == synthetic_prompts()  # fixed
+
+
+def test_bench_prompts_equal_the_peers_when_present():
+    import importlib.util
+
+    import pytest
+
+    from conftest import ASSETS
+
+    path = ASSETS.parent / "peers" / "trl_ppo" / "make_models.py"
+    if not path.exists():
+        pytest.skip("../shared/peers/trl_ppo is not present")
+    spec = importlib.util.spec_from_file_location("peer_make_models", path)
+    peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer)
+    assert peer.synthetic_prompts() == synthetic_prompts()
