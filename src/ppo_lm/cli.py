@@ -41,6 +41,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_sft(args) -> int:
+    from .config import SFTConfig, load_config
+
+    cfg = load_config(args.config, args.overrides, schema=SFTConfig)
+    _quiet_libraries()
+    from . import sft
+
+    summary = sft.run(cfg)
+    print(f"done: held-out loss {summary['eval_loss_before']} -> {summary['eval_loss_after']}; "
+          f"model in {summary['output']}")
+    return 0
+
+
+def cmd_reward_model(args) -> int:
+    from .config import RewardModelConfig, load_config
+
+    cfg = load_config(args.config, args.overrides, schema=RewardModelConfig)
+    _quiet_libraries()
+    from . import reward_model
+
+    summary = reward_model.run(cfg)
+    print(f"done: held-out accuracy {summary['eval_accuracy_before']} -> {summary['eval_accuracy_after']}; "
+          f"reward model in {summary['output']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     _quiet_libraries()
     from . import demo
@@ -94,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in the output directory (train.resume=auto)")
     t.set_defaults(func=cmd_train)
+
+    s_ = sub.add_parser("sft", help="supervised fine-tuning on (prompt, response) records")
+    s_.add_argument("config")
+    s_.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-4")
+    s_.set_defaults(func=cmd_sft)
+
+    r = sub.add_parser("reward-model", help="train a reward model on preference pairs or labelled text")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.mode=pointwise")
+    r.set_defaults(func=cmd_reward_model)
 
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")

@@ -237,6 +237,113 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------- the other pipeline stages
+
+
+@dataclass
+class OptimConfig:
+    #: Passes over the training split.
+    epochs: int = 1
+    #: Examples per optimiser step (split into gradient_accumulation_steps micro-batches).
+    batch_size: int = 16
+    #: Micro-batches accumulated per optimiser step.
+    gradient_accumulation_steps: int = 1
+    #: Learning rate (AdamW).
+    lr: float = 5e-5
+    #: Learning-rate schedule: constant, linear or cosine.
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    #: Linear warm-up steps.
+    warmup_steps: int = 0
+    #: AdamW weight decay.
+    weight_decay: float = 0.0
+    #: Clip the gradient norm to this value (null = no clipping).
+    max_grad_norm: float | None = 1.0
+
+
+@dataclass
+class StageRunConfig:
+    #: Where metrics.jsonl and final/ are written.
+    output_dir: str = "runs/stage"
+    #: Random seed (also decides the held-out split).
+    seed: int = 0
+    #: Mixed precision through accelerate: no, bf16 or fp16.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    #: Force the CPU even when a GPU is present.
+    cpu: bool = False
+    #: Show the rich progress display.
+    progress: bool = True
+
+
+@dataclass
+class SFTDataConfig:
+    #: Demonstrations: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name.
+    path: str = ""
+    #: Split to read when the source has splits.
+    split: str = "train"
+    #: Field holding the prompt.
+    prompt_field: str = "prompt"
+    #: Field holding the response to imitate (the loss is on these tokens only).
+    response_field: str = "response"
+    #: Prompt + response are cut to this many tokens (the prompt is shortened first, from the left).
+    max_length: int = 512
+    #: Wrap prompts in the tokenizer's chat template: "auto" (when it has one), "on" or "off".
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    #: Fraction of the records held out for evaluation.
+    eval_fraction: float = 0.1
+
+
+@dataclass
+class SFTConfig:
+    """``ppo-lm sft``: supervised fine-tuning on (prompt, response) records."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/sft"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RMDataConfig:
+    #: Preference or labelled data: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name.
+    path: str = ""
+    #: Split to read when the source has splits.
+    split: str = "train"
+    #: "pairwise": (prompt, chosen, rejected) with a Bradley-Terry loss; "pointwise": (text, label) classification.
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    #: pairwise: field with the shared prompt ("" or missing = none; chosen/rejected are then full texts).
+    prompt_field: str = "prompt"
+    #: pairwise: field with the preferred completion.
+    chosen_field: str = "chosen"
+    #: pairwise: field with the other completion.
+    rejected_field: str = "rejected"
+    #: pointwise: field with the text.
+    text_field: str = "text"
+    #: pointwise: field with the integer label (0 .. num_labels-1).
+    label_field: str = "label"
+    #: pointwise: number of classes (2 gives a reward of logit[1] - logit[0]).
+    num_labels: int = 2
+    #: Texts are cut to this many tokens (from the left, so the end of a dialogue is kept).
+    max_length: int = 512
+    #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy).
+    eval_fraction: float = 0.1
+
+
+@dataclass
+class RewardModelConfig:
+    """``ppo-lm reward-model``: a reward model from preferences (Bradley-Terry) or labels."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/reward-model"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 # ------------------------------------------------------------------------------------ YAML with lines
 
 
@@ -434,7 +541,7 @@ def _describe(value: Any) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_paths: bool = True) -> Config:
+                check_paths: bool = True, schema: type = None):
     """Read a YAML config (or start from defaults when ``path`` is None), apply ``key=value`` overrides and
     validate everything. Raises :class:`ConfigError` naming the field, file and line."""
     source = str(path) if path is not None else "command line"
@@ -447,11 +554,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw = _compose(p.read_text(encoding="utf-8"), source)
         if not isinstance(raw, dict):
             raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
-    raw = _with_defaults(dataclasses.asdict(Config()), raw)
+    schema = schema or Config
+    raw = _with_defaults(dataclasses.asdict(schema()), raw)
     for item in overrides:
         _apply_override(raw, item)
-    cfg = _Builder(source).build(Config, raw, "", None)
-    validate(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths)
+    cfg = _Builder(source).build(schema, raw, "", None)
+    check = validate if schema is Config else validate_stage
+    check(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths)
     return cfg
 
 
@@ -599,3 +708,36 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
             fail(key, f"no such file or directory: {value}")
     if not cfg.data.path:
         fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
+
+
+def validate_stage(cfg, *, source: str = "config", lines: dict[str, int] | None = None,
+                   check_paths: bool = True) -> None:
+    """Checks for the SFT and reward-model configs."""
+    lines = lines or {}
+
+    def fail(key: str, what: str) -> None:
+        raise _error(key, what, source, lines.get(key))
+
+    if not cfg.model.name_or_path:
+        fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
+    o = cfg.optim
+    for key, value in [("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size), ("optim.lr", o.lr),
+                       ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
+                       ("optim.max_grad_norm", o.max_grad_norm), ("data.max_length", cfg.data.max_length)]:
+        if value is not None and (value <= 0 or (isinstance(value, float) and not math.isfinite(value))):
+            fail(key, f"must be > 0, got {value}")
+    if o.warmup_steps < 0 or o.weight_decay < 0:
+        fail("optim.warmup_steps" if o.warmup_steps < 0 else "optim.weight_decay", "must be >= 0")
+    if o.batch_size % o.gradient_accumulation_steps:
+        fail("optim.gradient_accumulation_steps", f"optim.batch_size ({o.batch_size}) must be divisible by it")
+    if not 0.0 <= cfg.data.eval_fraction < 1.0:
+        fail("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
+    if getattr(cfg.data, "num_labels", 2) < 2:
+        fail("data.num_labels", "must be >= 2")
+    if not cfg.data.path:
+        fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
+    if check_paths:
+        for key, value in [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+                           ("data.path", cfg.data.path)]:
+            if value and _looks_local(value) and not Path(value).expanduser().exists():
+                fail(key, f"no such file or directory: {value}")

@@ -1,0 +1,163 @@
+"""``ppo-lm reward-model``: the second pipeline stage. Trains an ``AutoModelForSequenceClassification``
+
+* **pairwise** on (prompt, chosen, rejected) records with the Bradley-Terry loss
+  ``-log sigmoid(r(chosen) - r(rejected))`` (Ouyang et al. 2022), reporting pairwise accuracy on a held-out split;
+* **pointwise** on (text, label) records with cross-entropy, reporting accuracy.
+
+The saved ``final/`` is what a ``{type: model, path: ...}`` reward source reads (1 label: the logit is the
+reward; 2 labels: logit[1] - logit[0]).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from .config import RewardModelConfig
+from .data import load_records
+from .errors import UserError
+from .models import DTYPES, _no_dropout_config, disable_dropout, load_tokenizer
+from .sft import fit, micro_batches, split_records
+from .tracking import MetricsLog
+
+
+def _encode(tokenizer, text: str, max_length: int) -> list[int]:
+    ids = tokenizer(text)["input_ids"]
+    return ids[-max_length:]  # keep the end: that is where a dialogue's last answer is
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: ``-mean(log sigmoid(r_chosen - r_rejected))``."""
+    return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
+def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> list[tuple]:
+    d = cfg.data
+    records = records if records is not None else load_records(d.path, d.split)
+    if not records:
+        raise UserError("the dataset is empty", d.path)
+    out = []
+    for i, r in enumerate(records):
+        where = f"{d.path}:{r.get('__line__', i + 1)}"
+        if d.mode == "pairwise":
+            for f in (d.chosen_field, d.rejected_field):
+                if not isinstance(r.get(f), str):
+                    raise UserError(f"record needs a string field {f!r} (data.mode: pairwise)", where)
+            prompt = r.get(d.prompt_field) or ""
+            out.append((prompt + r[d.chosen_field], prompt + r[d.rejected_field]))
+        else:
+            label = r.get(d.label_field)
+            if not isinstance(r.get(d.text_field), str):
+                raise UserError(f"record needs a string field {d.text_field!r} (data.mode: pointwise)", where)
+            try:
+                label = int(label)
+            except (TypeError, ValueError):
+                raise UserError(f"label {label!r} in field {d.label_field!r} is not an integer", where) from None
+            if not 0 <= label < d.num_labels:
+                raise UserError(f"label {label} is outside 0..{d.num_labels - 1} (data.num_labels)", where)
+            out.append((r[d.text_field], label))
+    return out
+
+
+def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=None) -> dict:
+    """Train the reward model; returns a summary with held-out accuracy before and after (``summary.json``)."""
+    from rich.console import Console
+    from transformers import AutoModelForSequenceClassification
+
+    from .models import load_config_checked
+    from .trainer import check_output_dir, seed_everything
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    out = check_output_dir(cfg.train.output_dir)
+    seed_everything(cfg.train.seed)
+    d = cfg.data
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print)
+    examples = load_records_checked(cfg, records)
+    train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
+
+    num_labels = 1 if d.mode == "pairwise" else d.num_labels
+    base = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
+                               trust_remote_code=cfg.model.trust_remote_code) \
+        if not _is_classifier(cfg.model.name_or_path) else None
+    config = _no_dropout_config(base or load_config_checked(cfg.model.name_or_path, kind="classifier",
+                                                            field="model.name_or_path",
+                                                            trust_remote_code=cfg.model.trust_remote_code))
+    config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(
+        cfg.model.name_or_path, config=config, dtype=DTYPES[cfg.model.dtype],
+        trust_remote_code=cfg.model.trust_remote_code, ignore_mismatched_sizes=True)
+    disable_dropout(model)
+    if cfg.model.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lo = cfg.model.lora
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                 target_modules=lo.target_modules, task_type="SEQ_CLS"))
+
+    if d.mode == "pairwise":
+        def collate(rows):
+            ids, mask = _pad([_encode(tokenizer, t, d.max_length) for r in rows for t in r], tokenizer.pad_token_id)
+            return {"input_ids": ids, "attention_mask": mask}  # rows interleaved: chosen, rejected, chosen, ...
+
+        def loss_fn(m, b):
+            scores = m(**b).logits[:, 0].float()
+            return pairwise_loss(scores[0::2], scores[1::2])
+    else:
+        def collate(rows):
+            ids, mask = _pad([_encode(tokenizer, r[0], d.max_length) for r in rows], tokenizer.pad_token_id)
+            return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r[1] for r in rows])}
+
+        def loss_fn(m, b):
+            logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
+            return torch.nn.functional.cross_entropy(logits, b["labels"])
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if not eval_set:
+            return {}
+        device = next(model.parameters()).device
+        correct, losses = 0, []
+        for s in range(0, len(eval_set), 16):
+            b = {k: v.to(device) for k, v in collate(eval_set[s:s + 16]).items()}
+            losses.append(float(loss_fn(model, b)))
+            if d.mode == "pairwise":
+                scores = model(**b).logits[:, 0]
+                correct += int((scores[0::2] > scores[1::2]).sum())
+            else:
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                correct += int((logits.argmax(-1) == b["labels"]).sum())
+        return {"eval_loss": sum(losses) / len(losses), "eval_accuracy": correct / len(eval_set)}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    steps = math.ceil(len(train_set) / cfg.optim.batch_size)
+    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps, loss_fn, cfg.optim,
+               cfg.train, evaluate=evaluate, log=MetricsLog(out / "metrics.jsonl"), console=console)
+    final = out / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
+               "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
+               "output": str(final)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _is_classifier(name_or_path: str) -> bool:
+    p = Path(name_or_path, "config.json")
+    if not p.is_file():
+        return False
+    archs = json.loads(p.read_text()).get("architectures") or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)

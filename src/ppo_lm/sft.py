@@ -1,0 +1,188 @@
+"""``ppo-lm sft``: supervised fine-tuning on (prompt, response) demonstrations, the first stage of
+SFT -> reward model -> PPO. The loss is the next-token cross-entropy on the response tokens only; prompts are
+wrapped in the chat template when the tokenizer has one. The saved ``final/`` is a plain transformers folder that
+``ppo-lm train`` takes as its policy.
+
+:func:`fit` is the small supervised loop shared with :mod:`ppo_lm.reward_model`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .config import OptimConfig, SFTConfig, StageRunConfig
+from .data import format_prompt, load_records, use_chat_template
+from .errors import UserError
+from .models import load_causal_lm, load_tokenizer
+from .tracking import MetricsLog
+
+IGNORE = -100  # label of tokens that carry no loss (prompt and padding), as torch's cross_entropy expects
+
+
+def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded shuffle, then the first ``eval_fraction`` of it held out (at least one record when asked for)."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(len(records) - 1, max(1, round(eval_fraction * len(records)))) if eval_fraction > 0 else 0
+    return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
+
+
+def encode_example(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS and their labels: IGNORE on the prompt, the token itself on the
+    response. Too long: the prompt is shortened from the left first, then the response from the right."""
+    prompt_ids = tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=not chat)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    keep_prompt = max(1, max_length - len(response_ids)) if len(prompt_ids) + len(response_ids) > max_length else len(prompt_ids)
+    prompt_ids = prompt_ids[-keep_prompt:]
+    response_ids = response_ids[: max_length - len(prompt_ids)]
+    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+
+
+def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over the response tokens of a right-padded batch, and how many tokens it covers."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE)
+    return loss, int((labels != IGNORE).sum())
+
+
+def fit(model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch: int, loss_fn, optim: OptimConfig,
+        run: StageRunConfig, *, evaluate: Callable[[], dict], log: MetricsLog, console) -> list[dict]:
+    """AdamW + schedule + gradient accumulation + clipping through accelerate; one metrics row per epoch (and
+    one before training), each with the held-out evaluation."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision,
+                              gradient_accumulation_steps=optim.gradient_accumulation_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    scheduler = get_scheduler(optim.lr_schedule, optimizer, num_warmup_steps=optim.warmup_steps,
+                              num_training_steps=max(1, optim.epochs * n_steps_per_epoch))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    rows = [{"epoch": 0, "train_loss": None, **evaluate(), "time_s": 0.0}]
+    log.log(rows[0], step=0)
+    console.print(f"before training: {json.dumps({k: v for k, v in rows[0].items() if v is not None})}")
+    for epoch in range(1, optim.epochs + 1):
+        start, losses = time.perf_counter(), []
+        model.train()
+        for batch in train_batches(epoch):
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = loss_fn(model, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(params, optim.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        model.eval()
+        row = {"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), **evaluate(),
+               "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - start}
+        rows.append(row)
+        log.log(row, step=epoch)
+        console.print(f"epoch {epoch}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}")
+    return rows
+
+
+def micro_batches(examples: list, optim: OptimConfig, seed: int, collate) -> Callable[[int], Iterable[dict]]:
+    """A fresh seeded shuffle each epoch, cut into micro-batches of batch_size / gradient_accumulation_steps."""
+    micro = optim.batch_size // optim.gradient_accumulation_steps
+
+    def batches(epoch: int):
+        order = list(range(len(examples)))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        for s in range(0, len(order), micro):
+            yield collate([examples[i] for i in order[s:s + micro]])
+    return batches
+
+
+def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> dict:
+    """Fine-tune ``cfg.model`` on the demonstrations; returns a summary (also in ``summary.json``)."""
+    from rich.console import Console
+
+    from .trainer import check_output_dir, seed_everything
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    out = check_output_dir(cfg.train.output_dir)
+    seed_everything(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print)
+    tokenizer.padding_side = "right"
+    records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
+    if not records:
+        raise UserError("the dataset is empty", cfg.data.path)
+    chat = use_chat_template(tokenizer, cfg.data.chat_template)
+    examples = []
+    for i, r in enumerate(records):
+        where = f"{cfg.data.path}:{r.get('__line__', i + 1)}"
+        for f in (cfg.data.prompt_field, cfg.data.response_field):
+            if not isinstance(r.get(f), str):
+                raise UserError(f"record needs a string field {f!r}", where)
+        examples.append(encode_example(tokenizer, r[cfg.data.prompt_field], r[cfg.data.response_field],
+                                       cfg.data.max_length, chat))
+    train_set, eval_set = split_records(examples, cfg.data.eval_fraction, cfg.train.seed)
+
+    model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        lo = cfg.model.lora
+        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                 target_modules=lo.target_modules, task_type="CAUSAL_LM"))
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def collate(rows):
+        ids = pad_right([r[0] for r in rows], tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": pad_right([[1] * len(r[0]) for r in rows], 0),
+                "labels": pad_right([r[1] for r in rows], IGNORE)}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if not eval_set:
+            return {}
+        total, tokens = 0.0, 0
+        device = next(model.parameters()).device
+        for s in range(0, len(eval_set), 32):
+            batch = {k: v.to(device) for k, v in collate(eval_set[s:s + 32]).items()}
+            loss, n = lm_loss(model, batch)
+            total, tokens = total + float(loss) * n, tokens + n
+        nll = total / max(1, tokens)
+        return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 50.0))}
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    steps = math.ceil(len(train_set) / cfg.optim.batch_size)
+    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps,
+               lambda m, b: lm_loss(m, b)[0], cfg.optim, cfg.train, evaluate=evaluate,
+               log=MetricsLog(out / "metrics.jsonl"), console=console)
+    save_policy_like(model, tokenizer, out / "final")
+    summary = {"train_examples": len(train_set), "eval_examples": len(eval_set),
+               "eval_loss_before": rows[0].get("eval_loss"), "eval_loss_after": rows[-1].get("eval_loss"),
+               "output": str(out / "final")}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def save_policy_like(model, tokenizer, path: Path) -> None:
+    """Save a (possibly LoRA) causal LM as a plain transformers folder with its tokenizer."""
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.padding_side = "left"
+    tokenizer.save_pretrained(path)

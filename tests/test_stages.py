@@ -1,0 +1,115 @@
+"""The SFT and reward-model stages on small data the tests make themselves."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ppo_lm import reward_model, sft
+from ppo_lm.config import RewardModelConfig, SFTConfig, load_config
+from ppo_lm.errors import UserError
+from ppo_lm.rewards import build_source
+from ppo_lm.config import RewardSourceConfig
+
+from conftest import WORDS
+from test_cli import ppo_lm
+
+
+def test_response_only_labels(tiny_model_dir):
+    from ppo_lm.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    ids, labels = sft.encode_example(tok, "a b c", "d e", max_length=16, chat=False)
+    eos = tok.eos_token_id
+    assert ids == tok("a b c")["input_ids"] + tok("d e")["input_ids"] + [eos]
+    assert labels == [sft.IGNORE] * 3 + tok("d e")["input_ids"] + [eos]
+    ids, labels = sft.encode_example(tok, "a b c d e", "f g", max_length=5, chat=False)  # prompt cut from the left
+    assert len(ids) == 5 and ids[:2] == tok("d e")["input_ids"] and labels[:2] == [sft.IGNORE] * 2
+
+
+def test_pairwise_loss_by_hand():
+    # -log sigmoid(2 - 0) and -log sigmoid(0 - 1), averaged
+    import math
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2
+    assert reward_model.pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])).item() == pytest.approx(expected)
+
+
+def reverse_records(n=120, seed=0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(3)]
+        rows.append({"prompt": " ".join(words), "response": " ".join(reversed(words))})
+    return rows
+
+
+@pytest.mark.slow
+def test_sft_lowers_held_out_loss_and_feeds_ppo(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=records", "optim.epochs=6",
+                             "optim.lr=3e-3", "optim.batch_size=16", f"train.output_dir={tmp_path / 'sft'}",
+                             "train.progress=false"], schema=SFTConfig, check_paths=False)
+    summary = sft.run(cfg, records=reverse_records())
+    assert summary["eval_loss_after"] < 0.7 * summary["eval_loss_before"], summary
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final")  # plain transformers loads it
+    assert model.config.model_type == "gpt2"
+
+
+def preference_records(n=160, seed=0):
+    """chosen has more 'a' tokens than rejected: a preference a model can learn."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        base = [rng.choice(WORDS[1:]) for _ in range(4)]
+        good = base[:]
+        good[rng.randrange(4)] = "a"
+        rows.append({"prompt": "b c ", "chosen": " ".join(good), "rejected": " ".join(base)})
+    return rows
+
+
+@pytest.mark.slow
+def test_pairwise_reward_model_beats_chance_and_is_a_reward_source(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=records", "optim.epochs=8",
+                             "optim.lr=3e-3", f"train.output_dir={tmp_path / 'rm'}", "train.progress=false",
+                             "data.eval_fraction=0.25"], schema=RewardModelConfig, check_paths=False)
+    summary = reward_model.run(cfg, records=preference_records())
+    assert summary["eval_accuracy_after"] >= 0.8, summary
+    final = tmp_path / "rm" / "final"
+    assert AutoModelForSequenceClassification.from_pretrained(final).config.num_labels == 1
+    score = build_source(RewardSourceConfig(type="model", path=str(final)))
+    s = score(["b c ", "b c "], ["a d e f", "d e f g"], {})
+    assert s[0] > s[1]
+
+
+@pytest.mark.slow
+def test_pointwise_reward_model(tiny_model_dir, tmp_path):
+    rng = random.Random(1)
+    records = []
+    for _ in range(160):
+        words = [rng.choice(WORDS[1:]) for _ in range(4)]
+        label = rng.random() < 0.5
+        if label:
+            words[rng.randrange(4)] = "a"
+        records.append({"text": " ".join(words), "label": int(label)})
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=records", "data.mode=pointwise",
+                             "optim.epochs=8", "optim.lr=3e-3", f"train.output_dir={tmp_path / 'rm'}",
+                             "train.progress=false", "data.eval_fraction=0.25"], schema=RewardModelConfig,
+                      check_paths=False)
+    summary = reward_model.run(cfg, records=records)
+    assert summary["eval_accuracy_after"] >= 0.8, summary
+
+
+def test_stage_input_errors(tiny_model_dir, tmp_path):
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=x", "data.mode=pointwise",
+                             f"train.output_dir={tmp_path}"], schema=RewardModelConfig, check_paths=False)
+    with pytest.raises(UserError, match=r"x:2: label 5 is outside 0..1"):
+        reward_model.run(cfg, records=[{"text": "a", "label": 1, "__line__": 1}, {"text": "b", "label": 5, "__line__": 2}])
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a"}) + "\n")
+    cfgfile = tmp_path / "sft.yaml"
+    cfgfile.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {data}}}\noptim: {{lr_rate: 1}}\n")
+    run = ppo_lm("sft", cfgfile, cwd=tmp_path)
+    assert run.returncode == 2 and "sft.yaml:3: optim.lr_rate: unknown key (did you mean 'lr'?)" in run.stderr
+    run = ppo_lm("sft", cfgfile.with_name("none.yaml"), cwd=tmp_path)
+    assert run.returncode == 2
