@@ -113,3 +113,29 @@ def test_stage_input_errors(tiny_model_dir, tmp_path):
     assert run.returncode == 2 and "sft.yaml:3: optim.lr_rate: unknown key (did you mean 'lr'?)" in run.stderr
     run = ppo_lm("sft", cfgfile.with_name("none.yaml"), cwd=tmp_path)
     assert run.returncode == 2
+
+
+def test_distinct_n_by_hand():
+    from ppo_lm.evaluate import distinct_n
+
+    # unigrams: a b a | b -> 4 grams, 2 distinct; bigrams: (a b) (b a) -> 2 of 2
+    assert distinct_n(["a b a", "b"], 1) == 2 / 4
+    assert distinct_n(["a b a", "b"], 2) == 1.0
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_eval_and_compare_cli(tiny_model_dir, tmp_path):
+    from test_cli import write_config
+
+    cfg = write_config(tmp_path, tiny_model_dir)
+    assert ppo_lm("train", cfg, "train.iterations=3", cwd=tmp_path).returncode == 0
+    run = ppo_lm("eval", cfg, "--compare", tiny_model_dir, tmp_path / "out" / "final", "--limit", "8",
+                 "--output-dir", tmp_path / "ev", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "ev" / "compare.json").read_text())
+    metrics = {r["metric"] for r in result["rows"]}
+    assert {"reward_mean", "kl_to_reference", "distinct_1", "distinct_2", "reference_perplexity"} <= metrics
+    assert result["before"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-5)  # a model against itself
+    assert "| reward_mean |" in (tmp_path / "ev" / "compare.md").read_text()
+    single = ppo_lm("eval", cfg, "--model", tiny_model_dir, "--limit", "4", "--output-dir", tmp_path / "ev2", cwd=tmp_path)
+    assert single.returncode == 0 and json.loads(single.stdout.strip().splitlines()[-1])["samples"] == 4

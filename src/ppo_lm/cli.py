@@ -67,6 +67,29 @@ def cmd_reward_model(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .config import load_config
+
+    if not args.model and not args.compare:
+        raise UserError("give --model PATH, or --compare BEFORE AFTER", "eval")
+    model = args.compare[0] if args.compare else args.model
+    cfg = load_config(args.config, [f"model.name_or_path={model}", *args.overrides])
+    _quiet_libraries()
+    import json
+
+    from . import evaluate
+
+    if args.compare:
+        result = evaluate.compare(cfg, *args.compare, limit=args.limit, seed=args.seed)
+        evaluate.write(result, args.output_dir, "compare")
+        print(evaluate.markdown_table(result))
+    else:
+        result = evaluate.evaluate(cfg, args.model, reference=args.reference, limit=args.limit, seed=args.seed)
+        evaluate.write(result, args.output_dir, "eval")
+        print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+    return 0
+
+
 def cmd_demo(args) -> int:
     _quiet_libraries()
     from . import demo
@@ -130,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.mode=pointwise")
     r.set_defaults(func=cmd_reward_model)
+
+    e = sub.add_parser("eval", help="a model's reward, KL, diversity and fluency on a config's prompts")
+    e.add_argument("config", help="a PPO config: its data, rollout and reward sections are used")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--model", help="model to evaluate")
+    e.add_argument("--reference", help="reference model for KL and perplexity")
+    e.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="before/after table (markdown and JSON)")
+    e.add_argument("--limit", type=int, help="use only the first N prompts")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output-dir", default="runs/eval")
+    e.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")

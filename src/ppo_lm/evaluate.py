@@ -1,0 +1,107 @@
+"""``ppo-lm eval``: measure a model on the prompts and rewards of a PPO config, and compare two models.
+
+For each prompt of ``data`` one completion is sampled with the config's rollout settings (seeded). Reported:
+the reward (total and per source), response length and EOS rate, distinct-1/2 diversity, and, when a reference
+model is given, the KL of the model to it (sum over the response of log p - log q, the k1 estimate) and the
+perplexity of the completions under the reference (a fluency measure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from . import algo
+from .config import Config
+from .data import build_prompt_dataset, load_records
+from .models import lm_forward, load_causal_lm, load_tokenizer
+from .rewards import build_reward
+from .rollout import generation_config, left_pad, response_mask_from_ids, sample
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the texts (Li et al. 2016); 0 when there are none."""
+    grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limit: int | None = None,
+             seed: int = 0, batch_size: int = 32) -> dict:
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, notice=lambda m: None)
+    records = load_records(cfg.data.path, cfg.data.split)
+    records = records[:limit] if limit else records
+    dataset = build_prompt_dataset(records, tokenizer, cfg.data)
+    reward = build_reward(cfg.reward)
+    model = load_causal_lm(model_path, field="--model").eval()
+    ref = load_causal_lm(reference, field="--reference").eval() if reference else None
+    gen = generation_config(tokenizer, cfg.rollout)
+    eos = tokenizer.eos_token_id if cfg.rollout.stop_at_eos else None
+    torch.manual_seed(seed)
+    completions, prompts_all, kls, ref_nll, ref_tokens, lengths, ended = [], [], [], 0.0, 0, [], []
+    fields_all: dict[str, list] = {}
+    for s in range(0, len(dataset), batch_size):
+        prompts, ids, fields = dataset.batch(list(range(s, min(s + batch_size, len(dataset)))))
+        prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
+        response = sample(model, prompt_ids, prompt_mask, gen, None)
+        mask, has_eos = response_mask_from_ids(response, eos)
+        response = response.masked_fill(~mask, tokenizer.pad_token_id)
+        completions += tokenizer.batch_decode([r[m].tolist() for r, m in zip(response, mask)], skip_special_tokens=True)
+        prompts_all += prompts
+        for k, v in fields.items():
+            fields_all.setdefault(k, []).extend(v)
+        lengths += mask.sum(-1).tolist()
+        ended += has_eos.tolist()
+        if ref is not None:
+            full, full_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1).long()
+            T = response.shape[1]
+            logits, _ = lm_forward(model, full, full_mask, T)
+            ref_logits, _ = lm_forward(ref, full, full_mask, T)
+            lp = algo.logprobs_from_logits(logits, response, cfg.rollout.temperature)
+            ref_lp = algo.logprobs_from_logits(ref_logits, response, cfg.rollout.temperature)
+            kls += (algo.kl_k1(lp, ref_lp) * mask).sum(-1).tolist()
+            plain_ref_lp = algo.logprobs_from_logits(ref_logits, response)
+            ref_nll -= float((plain_ref_lp * mask).sum())
+            ref_tokens += int(mask.sum())
+    total, parts = reward.detailed(prompts_all, completions, fields_all)
+    out = {
+        "model": str(model_path), "samples": len(completions),
+        "reward_mean": total.mean().item(), "reward_std": total.std().item() if len(completions) > 1 else 0.0,
+        **{f"reward[{name}]": v.mean().item() for name, v in parts.items()},
+        "response_length": sum(lengths) / len(lengths), "eos_fraction": sum(ended) / len(ended),
+        "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2),
+    }
+    if ref is not None:
+        out["kl_to_reference"] = sum(kls) / len(kls)
+        out["reference_perplexity"] = math.exp(ref_nll / max(1, ref_tokens))
+    out["examples"] = [{"prompt": p, "completion": c, "reward": r}
+                       for p, c, r in zip(prompts_all[:5], completions[:5], total[:5].tolist())]
+    return out
+
+
+def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, seed: int = 0) -> dict:
+    """Both models on the same prompts and seed; KL and perplexity are measured against ``before``."""
+    a = evaluate(cfg, before, reference=before, limit=limit, seed=seed)
+    b = evaluate(cfg, after, reference=before, limit=limit, seed=seed)
+    keys = [k for k in a if isinstance(a[k], float) and k in b]
+    return {"before": a, "after": b, "rows": [{"metric": k, "before": a[k], "after": b[k], "change": b[k] - a[k]}
+                                              for k in keys]}
+
+
+def markdown_table(result: dict) -> str:
+    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['metric']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: str | Path, name: str = "eval") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    if "rows" in result:
+        (out / f"{name}.md").write_text(markdown_table(result) + "\n")
+    return out
