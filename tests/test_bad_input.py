@@ -55,8 +55,8 @@ CASES = [
      "reward.sources.0 (python: my_reward:count_a): must return a list or tensor of floats, got NoneType"),
     ("reward wrong length", _reward("def count_a(p, c, **f):\n    return [0.0] * (len(c) + 1)\n"),
      "returned 9 scores for 8 completions"),
-    ("reward module missing", lambda t: ["reward.sources.0.function=nowhere:f"], "cannot import 'nowhere'"),
-    ("reward model not a classifier", _reward_model_is_lm, "is not a sequence-classification (reward) model"),
+    ("reward module missing", lambda t: ["reward.sources.0.function=nowhere:f"], "reward.sources.0.function: cannot import 'nowhere'"),
+    ("reward model not a classifier", _reward_model_is_lm, "reward.sources.0.path: 'MODEL' is not a sequence-classification (reward) model"),
     ("output dir not writable", _unwritable_output, "train.output_dir: output directory is not writable"),
 ]
 
@@ -65,6 +65,7 @@ CASES = [
 def test_bad_input_exits_2_with_one_line(tiny_model_dir, tmp_path, name, setup, expected):
     cfg = write_config(tmp_path, tiny_model_dir)
     overrides = [o.replace("MODEL", str(tiny_model_dir)) for o in setup(tmp_path)]
+    expected = expected.replace("MODEL", str(tiny_model_dir))
     run = ppo_lm("train", cfg, *overrides, cwd=tmp_path)
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()

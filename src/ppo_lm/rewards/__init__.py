@@ -23,23 +23,23 @@ class RewardFn(Protocol):
     def __call__(self, prompts: list[str], completions: list[str], fields: dict) -> Tensor: ...
 
 
-def build_source(src, *, device=None) -> RewardFn:
-    """One reward source from a :class:`~ppo_lm.config.RewardSourceConfig`."""
+def build_source(src, *, device=None, key: str = "reward.sources.0") -> RewardFn:
+    """One reward source from a :class:`~ppo_lm.config.RewardSourceConfig`; ``key`` names it in errors."""
     if src.type == "model":
         from .model import RewardModel
 
-        return RewardModel(src.path, device=device)
+        return RewardModel(src.path, device=device, field=f"{key}.path")
     if src.type == "python":
         from .python import PythonReward
 
-        return PythonReward(src.function, src.kwargs)
+        return PythonReward(src.function, src.kwargs, field=f"{key}.function")
     return BUILTIN[src.type](src)
 
 
 def build_reward(reward_cfg, *, device=None) -> WeightedSum:
     """The config's reward: the weighted sum of its sources."""
     sources = [(f"reward.sources.{i} ({s.type}{': ' + (s.function or s.path) if s.function or s.path else ''})",
-                s.weight, build_source(s, device=device)) for i, s in enumerate(reward_cfg.sources)]
+                s.weight, build_source(s, device=device, key=f"reward.sources.{i}")) for i, s in enumerate(reward_cfg.sources)]
     return WeightedSum(sources)
 
 

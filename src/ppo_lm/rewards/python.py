@@ -41,8 +41,8 @@ def import_function(spec: str, field: str = "reward.function"):
 
 
 class PythonReward:
-    def __init__(self, spec: str, kwargs: dict | None = None):
-        self.fn = import_function(spec)
+    def __init__(self, spec: str, kwargs: dict | None = None, field: str = "reward.function"):
+        self.fn = import_function(spec, field)
         self.kwargs = dict(kwargs or {})
 
     def __call__(self, prompts, completions, fields):
