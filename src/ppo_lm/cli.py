@@ -41,30 +41,28 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_sft(args) -> int:
-    from .config import SFTConfig, load_config
+def _run_stage(args, stage: str, metric: str) -> int:
+    """``sft`` / ``reward-model``: load the stage's config schema, run it, print the held-out change."""
+    import importlib
 
-    cfg = load_config(args.config, args.overrides, schema=SFTConfig)
+    from . import config
+
+    module_name, schema = {"sft": ("sft", config.SFTConfig),
+                           "reward-model": ("reward_model", config.RewardModelConfig)}[stage]
+    cfg = config.load_config(args.config, args.overrides, schema=schema)
     _quiet_libraries()
-    from . import sft
-
-    summary = sft.run(cfg)
-    print(f"done: held-out loss {summary['eval_loss_before']} -> {summary['eval_loss_after']}; "
+    summary = importlib.import_module(f".{module_name}", __package__).run(cfg)
+    print(f"done: held-out {metric} {summary[f'eval_{metric}_before']} -> {summary[f'eval_{metric}_after']}; "
           f"model in {summary['output']}")
     return 0
 
 
+def cmd_sft(args) -> int:
+    return _run_stage(args, "sft", "loss")
+
+
 def cmd_reward_model(args) -> int:
-    from .config import RewardModelConfig, load_config
-
-    cfg = load_config(args.config, args.overrides, schema=RewardModelConfig)
-    _quiet_libraries()
-    from . import reward_model
-
-    summary = reward_model.run(cfg)
-    print(f"done: held-out accuracy {summary['eval_accuracy_before']} -> {summary['eval_accuracy_after']}; "
-          f"reward model in {summary['output']}")
-    return 0
+    return _run_stage(args, "reward-model", "accuracy")
 
 
 def cmd_eval(args) -> int:
