@@ -139,3 +139,38 @@ def test_eval_and_compare_cli(tiny_model_dir, tmp_path):
     assert "| reward_mean |" in (tmp_path / "ev" / "compare.md").read_text()
     single = ppo_lm("eval", cfg, "--model", tiny_model_dir, "--limit", "4", "--output-dir", tmp_path / "ev2", cwd=tmp_path)
     assert single.returncode == 0 and json.loads(single.stdout.strip().splitlines()[-1])["samples"] == 4
+
+
+@pytest.mark.slow
+def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    demos = jsonl("demos.jsonl", reverse_records(64))
+    prefs = jsonl("prefs.jsonl", preference_records(64))
+    prompts = jsonl("prompts.jsonl", [{"prompt": r["prompt"]} for r in reverse_records(32, seed=5)])
+    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {demos}}}\n"
+                                       "optim: {epochs: 2, lr: 3.0e-3}\ntrain: {progress: false}\n")
+    (tmp_path / "rm.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prefs}}}\n"
+                                      "optim: {epochs: 2, lr: 3.0e-3}\n")
+    (tmp_path / "ppo.yaml").write_text(
+        f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prompts}}}\n"
+        "rollout: {batch_size: 8, max_new_tokens: 6}\nreward: {sources: [{type: keyword, words: [a]}]}\n"
+        "ppo: {lr: 1.0e-3, num_minibatches: 2}\ntrain: {iterations: 2, progress: false, log_samples: 0}\n")
+    (tmp_path / "pipe.yaml").write_text(f"output_dir: {tmp_path / 'p'}\nsft: {tmp_path / 'sft.yaml'}\n"
+                                        f"reward_model: {tmp_path / 'rm.yaml'}\nppo: {tmp_path / 'ppo.yaml'}\n"
+                                        "eval_limit: 8\n")
+    first = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    root = tmp_path / "p"
+    for part in ("sft/final/config.json", "reward_model/final/config.json", "ppo/final/config.json",
+                 "eval/compare.md", "summary.json"):
+        assert (root / part).exists(), part
+    ppo_cfg = (root / "ppo" / "config.yaml").read_text()
+    assert str(root / "sft" / "final") in ppo_cfg and str(root / "reward_model" / "final") in ppo_cfg
+    again = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("skipped") == 3
+    bad = ppo_lm("pipeline", tmp_path / "pipe.yaml", "ppo=missing.yaml", cwd=tmp_path)
+    assert bad.returncode == 2 and "ppo: no such file: missing.yaml" in bad.stderr

@@ -65,6 +65,20 @@ def cmd_reward_model(args) -> int:
     return _run_stage(args, "reward-model", "accuracy")
 
 
+def cmd_pipeline(args) -> int:
+    _quiet_libraries()
+    from . import pipeline
+
+    summary = pipeline.run(args.config, args.overrides)
+    if summary.get("ppo", {}).get("interrupted"):
+        print(f"stopped; run the same command again to resume ({summary['ppo']['checkpoint']})", file=sys.stderr)
+        return 0
+    reward = summary["eval"]["reward_mean"]
+    print(f"done: reward {reward['before']:+.4f} -> {reward['after']:+.4f}; report in "
+          f"{pipeline.plan(args.config, args.overrides)['root'] / 'eval' / 'compare.md'}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .config import load_config
 
@@ -162,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output-dir", default="runs/eval")
     e.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval, skipping stages already done")
+    pl.add_argument("config", help="pipeline YAML naming a config per stage")
+    pl.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/p2 eval_limit=32")
+    pl.set_defaults(func=cmd_pipeline)
 
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")
