@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--critic", action="store_true",
+                    help="ppo-lm with a separate critic (model.critic), like TRL's separate value model")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
     a = ap.parse_args()
     venv = os.environ.get("TRL_PEER_VENV")
@@ -71,6 +73,8 @@ def main() -> int:
         cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
         d = cfg.to_dict()
         d["ppo"]["lr"], d["train"]["seed"] = a.lr, a.seed
+        if a.critic:
+            d["model"]["critic"] = str(Path(tmp) / "policy")
         d["reward"] = {"sources": [{"type": "sentiment"}]}  # replaced by reward_fn below
         result = train(config_from_dict(d), reward_fn=reward, records=[{"prompt": p} for p in prompts])
         ours = [m["reward_mean"] for m in result.metrics]
@@ -79,6 +83,7 @@ def main() -> int:
         return round(sum(xs[-5:]) / len(xs[-5:]), 4)
 
     summary = {"iterations": a.iters, "lr": a.lr, "seed": a.seed, "mixed_precision": a.mixed_precision,
+               "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
                "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
                "trl_last5_mean": tail(trl), "ppo_lm_last5_mean": tail(ours)}
@@ -93,7 +98,8 @@ def main() -> int:
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
-    ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".", label=f"ppo-lm ({a.mixed_precision})")
+    ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
+            label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision})")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("mean reward of the batch")
     ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")
