@@ -168,6 +168,25 @@ def _safetensors(name_or_path: str) -> bool | None:
     return None
 
 
+def apply_lora(model: nn.Module, lora_cfg, task_type: str) -> nn.Module:
+    """Wrap ``model`` with trainable LoRA adapters (peft) as set in a :class:`~ppo_lm.config.LoraConfig`;
+    the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                                            target_modules=lora_cfg.target_modules, task_type=task_type, bias="none"))
+
+
+def save_merged(model: nn.Module, tokenizer, path: str | Path) -> Path:
+    """Save a model (LoRA adapters merged in first) and its tokenizer as a plain transformers folder."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
     """Build the trainable :class:`PolicyWithValue` from a :class:`~ppo_lm.config.ModelConfig`."""
     lm = load_causal_lm(model_cfg.name_or_path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
@@ -175,11 +194,7 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         lm.config.use_cache = False
     if model_cfg.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lora = model_cfg.lora
-        lm = get_peft_model(lm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                           target_modules=lora.target_modules, task_type="CAUSAL_LM", bias="none"))
+        lm = apply_lora(lm, model_cfg.lora, "CAUSAL_LM")
     critic = None
     hidden_size = lm.config.hidden_size if hasattr(lm.config, "hidden_size") else lm.config.n_embd
     if model_cfg.critic:
@@ -219,12 +234,7 @@ def save_policy(policy: PolicyWithValue, tokenizer, out_dir: str | Path) -> None
     safetensors; tokenizer beside it; the value head as ``value_head.safetensors``."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    lm = policy.lm
-    if is_lora(policy):
-        lm = copy.deepcopy(lm).merge_and_unload()
-    lm.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    lm = copy.deepcopy(policy.lm) if is_lora(policy) else policy.lm  # merging must not touch the live policy
+    out = save_merged(lm, tokenizer, out_dir)
     save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
               str(out / "value_head.safetensors"))

@@ -19,8 +19,8 @@ import torch
 from .config import RewardModelConfig
 from .data import load_records
 from .errors import UserError
-from .models import DTYPES, _no_dropout_config, disable_dropout, load_tokenizer
-from .sft import fit, micro_batches, split_records
+from .models import DTYPES, _no_dropout_config, apply_lora, disable_dropout, load_tokenizer, save_merged
+from .sft import fit, micro_batches, pad_right, split_records
 from .tracking import MetricsLog
 
 
@@ -30,10 +30,7 @@ def _encode(tokenizer, text: str, max_length: int) -> list[int]:
 
 
 def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    return ids, mask
+    return pad_right(rows, pad_id), pad_right([[1] * len(r) for r in rows], 0)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -87,23 +84,16 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
 
     num_labels = 1 if d.mode == "pairwise" else d.num_labels
-    base = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
-                               trust_remote_code=cfg.model.trust_remote_code) \
-        if not _is_classifier(cfg.model.name_or_path) else None
-    config = _no_dropout_config(base or load_config_checked(cfg.model.name_or_path, kind="classifier",
-                                                            field="model.name_or_path",
-                                                            trust_remote_code=cfg.model.trust_remote_code))
+    kind = "classifier" if _is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
+    config = _no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
+                                                    trust_remote_code=cfg.model.trust_remote_code))
     config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.name_or_path, config=config, dtype=DTYPES[cfg.model.dtype],
         trust_remote_code=cfg.model.trust_remote_code, ignore_mismatched_sizes=True)
     disable_dropout(model)
     if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lo = cfg.model.lora
-        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                                 target_modules=lo.target_modules, task_type="SEQ_CLS"))
+        model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
 
     if d.mode == "pairwise":
         def collate(rows):
@@ -144,10 +134,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
     rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps, loss_fn, cfg.optim,
                cfg.train, evaluate=evaluate, log=MetricsLog(out / "metrics.jsonl"), console=console)
-    final = out / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    (model.merge_and_unload() if hasattr(model, "merge_and_unload") else model).save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    final = save_merged(model, tokenizer, out / "final")
     summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
                "output": str(final)}

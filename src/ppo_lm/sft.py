@@ -20,7 +20,7 @@ import torch
 from .config import OptimConfig, SFTConfig, StageRunConfig
 from .data import format_prompt, load_records, use_chat_template
 from .errors import UserError
-from .models import load_causal_lm, load_tokenizer
+from .models import apply_lora, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding), as torch's cross_entropy expects
@@ -139,11 +139,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
 
     model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.lora.enabled:
-        from peft import LoraConfig, get_peft_model
-
-        lo = cfg.model.lora
-        model = get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                                 target_modules=lo.target_modules, task_type="CAUSAL_LM"))
+        model = apply_lora(model, cfg.model.lora, "CAUSAL_LM")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -171,18 +167,10 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps,
                lambda m, b: lm_loss(m, b)[0], cfg.optim, cfg.train, evaluate=evaluate,
                log=MetricsLog(out / "metrics.jsonl"), console=console)
-    save_policy_like(model, tokenizer, out / "final")
+    tokenizer.padding_side = "left"  # the saved model is a policy: prompts are left-padded for generation
+    save_merged(model, tokenizer, out / "final")
     summary = {"train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_loss_before": rows[0].get("eval_loss"), "eval_loss_after": rows[-1].get("eval_loss"),
                "output": str(out / "final")}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
-
-
-def save_policy_like(model, tokenizer, path: Path) -> None:
-    """Save a (possibly LoRA) causal LM as a plain transformers folder with its tokenizer."""
-    model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    tokenizer.padding_side = "left"
-    tokenizer.save_pretrained(path)
