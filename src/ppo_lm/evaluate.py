@@ -19,7 +19,7 @@ from .config import Config
 from .data import build_prompt_dataset, load_records
 from .models import lm_forward, load_causal_lm, load_tokenizer
 from .rewards import build_reward
-from .rollout import generation_config, left_pad, response_mask_from_ids, sample
+from .rollout import left_pad, sample_responses
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -38,18 +38,14 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     reward = build_reward(cfg.reward)
     model = load_causal_lm(model_path, field="--model").eval()
     ref = load_causal_lm(reference, field="--reference").eval() if reference else None
-    gen = generation_config(tokenizer, cfg.rollout)
-    eos = tokenizer.eos_token_id if cfg.rollout.stop_at_eos else None
     torch.manual_seed(seed)
     completions, prompts_all, kls, ref_nll, ref_tokens, lengths, ended = [], [], [], 0.0, 0, [], []
     fields_all: dict[str, list] = {}
     for s in range(0, len(dataset), batch_size):
         prompts, ids, fields = dataset.batch(list(range(s, min(s + batch_size, len(dataset)))))
         prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
-        response = sample(model, prompt_ids, prompt_mask, gen, None)
-        mask, has_eos = response_mask_from_ids(response, eos)
-        response = response.masked_fill(~mask, tokenizer.pad_token_id)
-        completions += tokenizer.batch_decode([r[m].tolist() for r, m in zip(response, mask)], skip_special_tokens=True)
+        response, mask, has_eos, texts = sample_responses(model, tokenizer, prompt_ids, prompt_mask, cfg.rollout)
+        completions += texts
         prompts_all += prompts
         for k, v in fields.items():
             fields_all.setdefault(k, []).extend(v)

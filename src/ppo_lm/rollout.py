@@ -92,6 +92,18 @@ def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tens
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
 
 
+def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg
+                     ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """Sample with the RolloutConfig ``cfg``: ``[B, T]`` response ids (pad after EOS), their mask, whether each
+    ended with EOS, and the decoded completions."""
+    response_ids = sample(lm, prompt_ids, prompt_mask, generation_config(tokenizer, cfg), cfg.generation_batch_size)
+    response_mask, ended = response_mask_from_ids(response_ids, tokenizer.eos_token_id if cfg.stop_at_eos else None)
+    response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],
+                                         skip_special_tokens=True)
+    return response_ids, response_mask, ended, completions
+
+
 def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_token_ids: list[list[int]],
             prompts: list[str], fields: dict, cfg, *, device: torch.device, forward_batch_size: int,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> Rollout:
@@ -101,10 +113,8 @@ def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_to
     was_training = policy.training
     policy.eval()
     with autocast():
-        response_ids = sample(policy.lm, prompt_ids, prompt_mask, generation_config(tokenizer, cfg), cfg.generation_batch_size)
-    eos = tokenizer.eos_token_id if cfg.stop_at_eos else None
-    response_mask, ended = response_mask_from_ids(response_ids, eos)
-    response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
+        response_ids, response_mask, ended, completions = sample_responses(policy.lm, tokenizer, prompt_ids,
+                                                                           prompt_mask, cfg)
     input_ids = torch.cat([prompt_ids, response_ids], 1)
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     logprobs, values, ref_logprobs, entropy = score_tokens(
@@ -112,8 +122,6 @@ def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_to
         batch_size=forward_batch_size, autocast=autocast)
     policy.train(was_training)
     m = response_mask.float()
-    completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],
-                                         skip_special_tokens=True)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
                    response_mask=response_mask, logprobs=logprobs * m, ref_logprobs=ref_logprobs * m,
                    values=values * m, entropy=entropy * m, ended_with_eos=ended, prompts=prompts, completions=completions, fields=fields)
