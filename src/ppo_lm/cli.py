@@ -74,8 +74,7 @@ def cmd_pipeline(args) -> int:
         print(f"stopped; run the same command again to resume ({summary['ppo']['checkpoint']})", file=sys.stderr)
         return 0
     reward = summary["eval"]["reward_mean"]
-    print(f"done: reward {reward['before']:+.4f} -> {reward['after']:+.4f}; report in "
-          f"{pipeline.plan(args.config, args.overrides)['root'] / 'eval' / 'compare.md'}")
+    print(f"done: reward {reward['before']:+.4f} -> {reward['after']:+.4f}; report in {summary['report']}")
     return 0
 
 

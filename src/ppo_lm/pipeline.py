@@ -129,5 +129,6 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     evaluate.write(result, root / "eval", "compare")
     console.print(evaluate.markdown_table(result))
     summary["eval"] = {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]}
+    summary["report"] = str(root / "eval" / "compare.md")
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
