@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 from .errors import UserError
@@ -91,13 +92,24 @@ def cmd_eval(args) -> int:
     from . import evaluate
 
     if args.compare:
-        result = evaluate.compare(cfg, *args.compare, limit=args.limit, seed=args.seed)
+        result = evaluate.compare(cfg, *args.compare, limit=args.limit, seed=args.seed, greedy=args.greedy,
+                                  notice=lambda m: print(f"warning: {m}", file=sys.stderr))
         evaluate.write(result, args.output_dir, "compare")
         print(evaluate.markdown_table(result))
     else:
-        result = evaluate.evaluate(cfg, args.model, reference=args.reference, limit=args.limit, seed=args.seed)
+        result = evaluate.evaluate(cfg, args.model, reference=args.reference, limit=args.limit, seed=args.seed,
+                                   greedy=args.greedy, notice=lambda m: print(f"warning: {m}", file=sys.stderr))
         evaluate.write(result, args.output_dir, "eval")
         print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from . import tasks
+
+    counts = tasks.prepare(args.task, args.assets, args.out or f"runs/data/{args.task}", source=args.source)
+    for name, n in counts.items():
+        print(f"{Path(args.out or f'runs/data/{args.task}') / name}: {n} records")
     return 0
 
 
@@ -174,12 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="use only the first N prompts")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output-dir", default="runs/eval")
+    e.add_argument("--greedy", action="store_true", help="decode greedily instead of sampling")
     e.set_defaults(func=cmd_eval)
 
     pl = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval, skipping stages already done")
     pl.add_argument("config", help="pipeline YAML naming a config per stage")
     pl.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/p2 eval_limit=32")
     pl.set_defaults(func=cmd_pipeline)
+
+    pr = sub.add_parser("prepare", help="write a task's prompt files from the public data (qa, text_generation, ...)")
+    pr.add_argument("task", help="qa | text_generation | sentiment_analysis")
+    pr.add_argument("--assets", default="../shared/assets", help="folder with the public datasets")
+    pr.add_argument("--out", help="output folder (default runs/data/TASK)")
+    pr.add_argument("--source", help="data source of the task (qa: stories or squad)")
+    pr.set_defaults(func=cmd_prepare)
 
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")

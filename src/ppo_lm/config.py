@@ -47,7 +47,8 @@ class ModelConfig:
     tokenizer: str | None = None
     #: Weights dtype: float32, bfloat16 or float16.
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    #: Separate critic model (folder or hub name); null = a value head on the policy's own trunk.
+    #: Separate critic: a folder or hub name, or "policy" for a copy of the policy's starting weights; null = a
+    #: value head on the policy's own trunk (cheaper; a separate critic is steadier for very small models).
     critic: str | None = None
     #: Allow custom modelling code from the hub. Off: only enable it for code you trust.
     trust_remote_code: bool = False
@@ -224,6 +225,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    #: Application (qa | text_generation | sentiment_analysis) whose metric `ppo-lm eval` adds; null = none.
+    task: str | None = None
 
     @property
     def minibatch_size(self) -> int:
@@ -634,6 +637,13 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
 
     if not cfg.model.name_or_path:
         fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
+    if cfg.task is not None:
+        from .tasks import TASKS
+
+        if cfg.task not in TASKS:
+            close = _suggest(cfg.task, list(TASKS))
+            fail("task", f"unknown task {cfg.task!r} " + (f"(did you mean '{close}'?)" if close else
+                                                           f"(known: {', '.join(TASKS)})"))
     for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
                        ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
                        ("ppo.lr", cfg.ppo.lr), ("ppo.clip_range", cfg.ppo.clip_range),
@@ -701,7 +711,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     if not check_paths:
         return
     checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
-              ("model.critic", cfg.model.critic), ("data.path", cfg.data.path)]
+              ("model.critic", None if cfg.model.critic == "policy" else cfg.model.critic), ("data.path", cfg.data.path)]
     checks += [(f"reward.sources.{i}.path", s.path) for i, s in enumerate(cfg.reward.sources) if s.type == "model"]
     for key, value in checks:
         if value and _looks_local(value) and not Path(value).expanduser().exists():

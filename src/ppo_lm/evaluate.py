@@ -1,9 +1,10 @@
 """``ppo-lm eval``: measure a model on the prompts and rewards of a PPO config, and compare two models.
 
-For each prompt of ``data`` one completion is sampled with the config's rollout settings (seeded). Reported:
-the reward (total and per source), response length and EOS rate, distinct-1/2 diversity, and, when a reference
-model is given, the KL of the model to it (sum over the response of log p - log q, the k1 estimate) and the
-perplexity of the completions under the reference (a fluency measure).
+For each prompt of ``data`` one completion is sampled with the config's rollout settings (seeded), or decoded
+greedily with ``greedy``. Reported: the reward (total, its standard error, and per source), response length and EOS
+rate, distinct-1/2 diversity, the task's own metric when the config names a ``task`` (EM/F1, accuracy, ...), and,
+when a reference model is given, the KL of the model to it (sum over the response of log p - log q, the k1
+estimate) and the perplexity of the completions under the reference (a fluency measure).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import algo
+from . import algo, tasks
 from .config import Config
 from .data import build_prompt_dataset, load_records
 from .models import lm_forward, load_causal_lm, load_tokenizer
@@ -30,11 +31,11 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 @torch.no_grad()
 def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limit: int | None = None,
-             seed: int = 0, batch_size: int = 32) -> dict:
+             seed: int = 0, batch_size: int = 32, greedy: bool = False, notice=lambda message: None) -> dict:
     tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, notice=lambda m: None)
     records = load_records(cfg.data.path, cfg.data.split)
     records = records[:limit] if limit else records
-    dataset = build_prompt_dataset(records, tokenizer, cfg.data)
+    dataset = build_prompt_dataset(records, tokenizer, cfg.data, warn=notice)
     reward = build_reward(cfg.reward)
     model = load_causal_lm(model_path, field="--model").eval()
     ref = load_causal_lm(reference, field="--reference").eval() if reference else None
@@ -44,7 +45,8 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     for s in range(0, len(dataset), batch_size):
         prompts, ids, fields = dataset.batch(list(range(s, min(s + batch_size, len(dataset)))))
         prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
-        response, mask, has_eos, texts = sample_responses(model, tokenizer, prompt_ids, prompt_mask, cfg.rollout)
+        response, mask, has_eos, texts = sample_responses(model, tokenizer, prompt_ids, prompt_mask, cfg.rollout,
+                                                          greedy=greedy)
         completions += texts
         prompts_all += prompts
         for k, v in fields.items():
@@ -63,10 +65,13 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
             ref_nll -= float((plain_ref_lp * mask).sum())
             ref_tokens += int(mask.sum())
     total, parts = reward.detailed(prompts_all, completions, fields_all)
+    n = len(completions)
+    std = total.std().item() if n > 1 else 0.0
     out = {
-        "model": str(model_path), "samples": len(completions),
-        "reward_mean": total.mean().item(), "reward_std": total.std().item() if len(completions) > 1 else 0.0,
+        "model": str(model_path), "samples": n, "decoding": "greedy" if greedy else "sampled",
+        "reward_mean": total.mean().item(), "reward_std": std, "reward_sem": std / math.sqrt(n),
         **{f"reward[{name}]": v.mean().item() for name, v in parts.items()},
+        **(tasks.get(cfg.task).metrics(completions, fields_all) if cfg.task else {}),
         "response_length": sum(lengths) / len(lengths), "eos_fraction": sum(ended) / len(ended),
         "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2),
     }
@@ -78,10 +83,11 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     return out
 
 
-def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, seed: int = 0) -> dict:
+def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, seed: int = 0,
+            greedy: bool = False, notice=lambda message: None) -> dict:
     """Both models on the same prompts and seed; KL and perplexity are measured against ``before``."""
-    a = evaluate(cfg, before, reference=before, limit=limit, seed=seed)
-    b = evaluate(cfg, after, reference=before, limit=limit, seed=seed)
+    a = evaluate(cfg, before, reference=before, limit=limit, seed=seed, greedy=greedy, notice=notice)
+    b = evaluate(cfg, after, reference=before, limit=limit, seed=seed, greedy=greedy)
     keys = [k for k in a if isinstance(a[k], float) and k in b]
     return {"before": a, "after": b, "rows": [{"metric": k, "before": a[k], "after": b[k], "change": b[k] - a[k]}
                                               for k in keys]}

@@ -200,9 +200,10 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
     if model_cfg.critic:
         from transformers import AutoModel
 
-        config = _no_dropout_config(load_config_checked(model_cfg.critic, kind="causal", field="model.critic",
+        path = model_cfg.name_or_path if model_cfg.critic == "policy" else model_cfg.critic
+        config = _no_dropout_config(load_config_checked(path, kind="causal", field="model.critic",
                                                         trust_remote_code=model_cfg.trust_remote_code))
-        critic = AutoModel.from_pretrained(model_cfg.critic, config=config, dtype=DTYPES[model_cfg.dtype],
+        critic = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[model_cfg.dtype],
                                            trust_remote_code=model_cfg.trust_remote_code)
         disable_dropout(critic)
         hidden_size = config.hidden_size

@@ -1,25 +1,32 @@
-"""``ppo-lm pipeline CONFIG``: SFT -> reward model -> PPO -> evaluation in one command.
+"""``ppo-lm pipeline CONFIG``: (prepare data ->) SFT -> reward model -> PPO -> evaluation in one command.
 
 The pipeline config names a config file per stage; the pipeline wires them together: the SFT model becomes the
 PPO policy (and the reward model's starting point unless that config names its own), and the reward model is
 added to the PPO reward sources. Each stage writes under ``output_dir/<stage>`` and is skipped when its
 ``summary.json`` (or, for PPO, ``final/``) already exists; an interrupted PPO stage resumes from its newest
-checkpoint. Every stage config is loaded and validated before the first model is.
+checkpoint. Every stage config is loaded and validated before the first model is. With ``task``, the task's
+files are first written to ``data_dir`` from the public data in ``assets`` (skipped when they exist).
 
 ```yaml
 output_dir: runs/pipeline
+task: qa                            # optional: prepare this task's data first ...
+assets: ../shared/assets            # ... from this folder ...
+data_dir: runs/data/qa              # ... into this one (the stage configs read it)
 sft: examples/x_sft.yaml            # optional
 reward_model: examples/x_rm.yaml    # optional
 reward_model_weight: 1.0
 ppo: examples/x_ppo.yaml            # required
-eval_limit: 64                      # prompts for the before/after evaluation (null = all)
+eval_data: runs/data/qa/heldout.jsonl  # prompts for the before/after (null = the PPO prompts)
+eval_limit: 64                      # use only the first N of them (null = all)
+eval_greedy: false                  # greedy decoding in the evaluation (true for accuracy-style tasks)
 ```
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .config import RewardModelConfig, SFTConfig, load_config
@@ -38,8 +45,20 @@ class PipelineConfig:
     reward_model_weight: float = 1.0
     #: PPO stage config (required).
     ppo: str = ""
-    #: Prompts of the PPO data used for the before/after evaluation (null = all).
+    #: Task whose data is prepared first (qa | text_generation | sentiment_analysis); null = no preparation.
+    task: str | None = None
+    #: Folder of public data the task is prepared from.
+    assets: str = "../shared/assets"
+    #: Data source of the task (null = its default; e.g. qa: stories or squad).
+    source: str | None = None
+    #: Where the task's files go (the stage configs read them from here).
+    data_dir: str | None = None
+    #: Prompt file of the before/after evaluation (null = the PPO prompts).
+    eval_data: str | None = None
+    #: Evaluate on only the first N prompts (null = all).
     eval_limit: int | None = 64
+    #: Decode greedily in the evaluation (sampled with the PPO rollout settings otherwise).
+    eval_greedy: bool = False
 
 
 def _stage_config(path: str | None, field: str, source: str):
@@ -48,8 +67,7 @@ def _stage_config(path: str | None, field: str, source: str):
     return path
 
 
-def plan(config_path: str, overrides: list[str] = ()) -> dict:
-    """Load and validate every stage's config, wired together; no model is loaded."""
+def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> PipelineConfig:
     from .config import _apply_override, _Builder, _compose  # the same YAML rules as every other config
 
     text = Path(config_path).read_text(encoding="utf-8") if Path(config_path).is_file() else None
@@ -61,6 +79,31 @@ def plan(config_path: str, overrides: list[str] = ()) -> dict:
     p = _Builder(config_path).build(PipelineConfig, raw, "", None)
     if not p.ppo:
         raise ConfigError("ppo", "the pipeline needs a PPO stage config", config_path)
+    if p.task is not None:
+        from . import tasks
+
+        if p.task not in tasks.TASKS:
+            raise ConfigError("task", f"unknown task {p.task!r} (known: {', '.join(tasks.TASKS)})", config_path)
+        if not p.data_dir:
+            raise ConfigError("data_dir", "a pipeline with a task needs data_dir: where its files go", config_path)
+    return p
+
+
+def prepare_data(p: PipelineConfig, console) -> None:
+    """Write the task's files unless they are all there already (data only; no model is loaded)."""
+    from . import tasks
+
+    wanted = {"train.jsonl", "heldout.jsonl"} | ({"sft.jsonl"} if p.sft else set())
+    if all((Path(p.data_dir) / f).is_file() for f in wanted):
+        console.print(rf"\[data] skipped: {p.data_dir} has the {p.task} files")
+        return
+    counts = tasks.prepare(p.task, p.assets, p.data_dir, source=p.source)
+    console.print(rf"\[data] {p.task} from {p.assets}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+
+
+def plan(config_path: str, overrides: list[str] = ()) -> dict:
+    """Load and validate every stage's config, wired together; no model is loaded."""
+    p = load_pipeline_config(config_path, overrides)
     root = Path(p.output_dir)
     stages: dict = {"root": root, "pipeline": p}
     sft_final = root / "sft" / "final"
@@ -83,6 +126,12 @@ def plan(config_path: str, overrides: list[str] = ()) -> dict:
                                                      weight=p.reward_model_weight))
     stages["ppo"] = ppo
     stages["start_model"] = policy or ppo.model.name_or_path
+    if p.eval_data:
+        if not Path(p.eval_data).is_file():
+            raise ConfigError("eval_data", f"no such file: {p.eval_data}", config_path)
+        stages["eval"] = replace(ppo, data=replace(ppo.data, path=p.eval_data, shuffle=False))
+    else:
+        stages["eval"] = ppo
     return stages
 
 
@@ -93,41 +142,59 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from .trainer import train
 
     console = console or Console(stderr=True, soft_wrap=True)
+    p = load_pipeline_config(config_path, overrides)
+    if p.task:
+        prepare_data(p, console)
     stages = plan(config_path, overrides)
     root: Path = stages["root"]
     done = lambda name: (root / name / "summary.json").exists()  # noqa: E731
-    summary: dict = {}
+    summary: dict = {"seconds": {}}
+    clock = time.perf_counter()
+
+    def timed(stage: str) -> None:
+        nonlocal clock
+        summary["seconds"][stage] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     if "sft" in stages:
         if done("sft"):
-            console.print(f"[sft] skipped: {root / 'sft' / 'summary.json'} exists")
+            console.print(rf"\[sft] skipped: {root / 'sft' / 'summary.json'} exists")
         else:
-            console.print("[sft] supervised fine-tuning")
+            console.print(r"\[sft] supervised fine-tuning")
             sft.run(stages["sft"], console=console)
+            timed("sft")
         summary["sft"] = json.loads((root / "sft" / "summary.json").read_text())
     if "reward_model" in stages:
         rm = stages["reward_model"]
         if "sft" in stages and rm.model.name_or_path == stages["sft"].model.name_or_path:
             rm.model.name_or_path = str(root / "sft" / "final")  # start the RM from the SFT model
         if done("reward_model"):
-            console.print(f"[reward_model] skipped: {root / 'reward_model' / 'summary.json'} exists")
+            console.print(rf"\[reward_model] skipped: {root / 'reward_model' / 'summary.json'} exists")
         else:
-            console.print("[reward_model] training the reward model")
+            console.print(r"\[reward_model] training the reward model")
             reward_model.run(rm, console=console)
+            timed("reward_model")
         summary["reward_model"] = json.loads((root / "reward_model" / "summary.json").read_text())
     ppo = stages["ppo"]
     if (root / "ppo" / "final" / "config.json").exists():
-        console.print(f"[ppo] skipped: {root / 'ppo' / 'final'} exists")
+        console.print(rf"\[ppo] skipped: {root / 'ppo' / 'final'} exists")
     else:
-        console.print("[ppo] PPO (resumes from its newest checkpoint if there is one)")
+        console.print(r"\[ppo] PPO (resumes from its newest checkpoint if there is one)")
         result = train(ppo, console=console)
         if result.interrupted:
             summary["ppo"] = {"interrupted": True, "checkpoint": str(result.checkpoint)}
             return summary
-    console.print("[eval] before/after on the PPO prompts")
-    result = evaluate.compare(ppo, stages["start_model"], str(root / "ppo" / "final"),
-                              limit=stages["pipeline"].eval_limit)
+        timed("ppo")
+    rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    summary["ppo"] = {"iterations": len(rows), "reward_first": rows[0]["reward_mean"] if rows else None,
+                      "reward_last": rows[-1]["reward_mean"] if rows else None, "kl_last": rows[-1]["kl"] if rows else None}
+    console.print(rf"\[eval] before/after on {stages['eval'].data.path}")
+    result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
+                              limit=p.eval_limit, greedy=p.eval_greedy,
+                              notice=lambda m: console.print(f"warning: {m}"))
     evaluate.write(result, root / "eval", "compare")
-    console.print(evaluate.markdown_table(result))
+    timed("eval")
+    console.print(evaluate.markdown_table(result), markup=False, highlight=False)
     summary["eval"] = {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]}
     summary["report"] = str(root / "eval" / "compare.md")
     (root / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -42,14 +42,15 @@ def response_mask_from_ids(response_ids: Tensor, eos_id: int | None) -> tuple[Te
     return ~after_eos, is_eos.any(-1)
 
 
-def generation_config(tokenizer, cfg, model_generation_config=None):
+def generation_config(tokenizer, cfg, *, greedy: bool = False):
+    """Sampling settings of the RolloutConfig ``cfg``; ``greedy`` (evaluation only) takes the argmax instead."""
     from transformers import GenerationConfig
 
     eos = tokenizer.eos_token_id if cfg.stop_at_eos else None
+    sampling = {} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
     return GenerationConfig(
-        do_sample=True, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-        top_p=cfg.top_p, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, use_cache=True,
+        do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling,
     )
 
 
@@ -92,11 +93,12 @@ def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tens
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
 
 
-def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg
+def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg, *, greedy: bool = False
                      ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-    """Sample with the RolloutConfig ``cfg``: ``[B, T]`` response ids (pad after EOS), their mask, whether each
-    ended with EOS, and the decoded completions."""
-    response_ids = sample(lm, prompt_ids, prompt_mask, generation_config(tokenizer, cfg), cfg.generation_batch_size)
+    """Sample with the RolloutConfig ``cfg`` (or decode greedily): ``[B, T]`` response ids (pad after EOS), their
+    mask, whether each ended with EOS, and the decoded completions."""
+    gen = generation_config(tokenizer, cfg, greedy=greedy)
+    response_ids = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size)
     response_mask, ended = response_mask_from_ids(response_ids, tokenizer.eos_token_id if cfg.stop_at_eos else None)
     response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],

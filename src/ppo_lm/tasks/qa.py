@@ -1,0 +1,92 @@
+"""Question answering with a reference answer; reward = exact match (and token F1); metrics EM and F1.
+
+Two sources:
+
+* ``stories`` (default; sized for the tiny models of ``make results``): reading comprehension over real TinyStories
+  text, in the Children's Book Test style (Hill et al. 2016). The context is up to three consecutive sentences of a
+  story; the question is the next sentence with one character's name blanked out; the answer is that name, which
+  the context mentions. Stories, not questions, are split between held-out, SFT and PPO, so no held-out story is
+  seen in training.
+* ``squad``: the answerable questions of the SQuAD 2.0 dev subset, the context cut to the sentence holding the
+  answer. A real extractive-QA set for models with more capacity than 260K parameters (see docs/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+from ..rewards.builtin import normalize_answer, token_f1
+
+NAME = "qa"
+SUMMARY = "answer a question about a short text; reward = exact match with the reference; metrics = EM, F1"
+SOURCES = ("stories", "squad")
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+#: Capitalised words that start sentences or stories rather than name characters.
+_NOT_NAMES = {"Once", "One", "The", "She", "He", "They", "It", "But", "Then", "When", "After", "There", "We", "I",
+              "His", "Her", "So", "And", "Yes", "No", "This", "That", "What", "Let", "Can", "You", "Every", "Suddenly"}
+
+
+def stories_records(stories: list[str], rng: random.Random) -> list[list[dict]]:
+    """Per story, its questions: for each sentence k >= 2 that names a character from the 1-3 sentences before
+    it, one question with that name blanked out."""
+    out = []
+    for text in stories:
+        sentences = _SENTENCE_END.split(text.strip())
+        questions = []
+        for k in range(2, min(len(sentences), 6)):
+            context = " ".join(sentences[max(0, k - 3):k])
+            names = {m.group() for m in re.finditer(r"\b[A-Z][a-z]+", context)} - _NOT_NAMES
+            spots = [m for m in re.finditer(r"\b[A-Z][a-z]+\b", sentences[k]) if m.group() in names]
+            if not spots:
+                continue
+            m = rng.choice(spots)
+            blanked = sentences[k][:m.start()] + "___" + sentences[k][m.end():]
+            questions.append({"prompt": f"Story: {context}\nFill in the blank: {blanked}\nAnswer:",
+                              "response": " " + m.group(), "answers": [m.group()]})
+        out.append(questions)
+    return out
+
+
+def squad_records(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        if r.get("is_impossible") or not r["answers"]:
+            continue
+        first = r["answers"][0]
+        context, start = r["context"], first["answer_start"]
+        bounds = [0, *(m.end() for m in _SENTENCE_END.finditer(context)), len(context)]
+        sentence = next((context[a:b] for a, b in zip(bounds, bounds[1:]) if a <= start < b), context).strip()
+        out.append({"prompt": f"Context: {sentence}\nQuestion: {r['question'].strip()}\nAnswer:",
+                    "response": " " + first["text"], "answers": sorted({a["text"] for a in r["answers"]})})
+    return out
+
+
+def build(assets: Path, source: str) -> dict[str, list[dict]]:
+    from . import read_jsonl
+
+    if source == "squad":
+        records = squad_records(read_jsonl(assets / "squad_v2_dev_subset" / "dev_subset.jsonl"))
+        random.Random(0).shuffle(records)
+        held, rest = records[:150], records[150:]
+        return {"sft.jsonl": rest, "train.jsonl": rest, "heldout.jsonl": held}
+    stories = [r["text"] for r in read_jsonl(assets / "tinystories_text" / "tinystories_train_head.jsonl")]
+    per_story = stories_records(stories, random.Random(0))
+    order = list(range(len(stories)))
+    random.Random(1).shuffle(order)
+    held, sft, train = order[:300], order[300:700], order[700:]
+    pick = lambda idx: [q for i in idx for q in per_story[i]]  # noqa: E731
+    train_records = pick(train)
+    random.Random(2).shuffle(train_records)
+    return {"sft.jsonl": pick(sft), "train.jsonl": train_records, "heldout.jsonl": pick(held)}
+
+
+def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]:
+    """SQuAD exact match and token F1, each the best over the reference answers."""
+    refs = fields["answers"]
+    n = max(1, len(completions))
+    em = sum(any(normalize_answer(c) == normalize_answer(r) for r in rs) for c, rs in zip(completions, refs))
+    f1 = sum(max(token_f1(c, r) for r in rs) for c, rs in zip(completions, refs))
+    return {"exact_match": em / n, "f1": f1 / n}

@@ -1,0 +1,152 @@
+"""The task registry: data recipes on small fake asset folders the tests write, hand-computed metrics, and a
+pipeline that prepares a task's data itself."""
+
+import json
+import random
+
+import pytest
+
+from ppo_lm import tasks
+from ppo_lm.config import load_config
+from ppo_lm.errors import ConfigError, UserError
+from ppo_lm.tasks import qa, sentiment_analysis, text_generation
+
+from conftest import WORDS
+from test_cli import ppo_lm
+
+STORY = ("Lily had a red ball. She gave the ball to Tom. Tom smiled at Lily. Then Lily and Tom played all day. "
+         "Tom was happy.")
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def fake_assets(tmp_path):
+    """The layout of ../shared/assets, with a few hand-made rows per file."""
+    root = tmp_path / "assets"
+    rng = random.Random(0)
+    sents = [{"sentence": " ".join(rng.choice(WORDS) for _ in range(4)), "label": i % 2} for i in range(520)]
+    write_jsonl(root / "sst2" / "train.jsonl", sents)
+    write_jsonl(root / "sst2" / "test_dev.jsonl", sents[:20])
+    names = ["Lily", "Tom", "Ben", "Sue"]
+    stories = [{"text": STORY.replace("Lily", names[i % 4]).replace("Tom", names[(i + 1) % 4])} for i in range(800)]
+    write_jsonl(root / "tinystories_text" / "tinystories_train_head.jsonl", stories)
+    write_jsonl(root / "squad_v2_dev_subset" / "dev_subset.jsonl", [
+        {"context": "The cat sat. The dog ran to the park. It rained.", "question": "Where did the dog run?",
+         "answers": [{"text": "the park", "answer_start": 30}, {"text": "park", "answer_start": 34}],
+         "is_impossible": False},
+        {"context": "Nothing here.", "question": "Who?", "answers": [], "is_impossible": True},
+    ] * 100)
+    return root
+
+
+def test_qa_questions_blank_a_name_the_context_mentions():
+    (questions,) = qa.stories_records([STORY], random.Random(0))
+    assert questions, "the story names Lily and Tom in consecutive sentences"
+    for q in questions:
+        context = q["prompt"].split("\nFill in the blank: ")[0]
+        blanked = q["prompt"].split("\nFill in the blank: ")[1].removesuffix("\nAnswer:")
+        assert q["answers"][0] in context and "___" in blanked and q["response"] == " " + q["answers"][0]
+    # sentence 3 ("Then Lily and Tom played all day.") may only blank a name that sentences 1-2 mention
+    assert questions[1]["prompt"].startswith("Story: Lily had a red ball. She gave the ball to Tom. Tom smiled")
+
+
+def test_squad_records_keep_the_answer_sentence_and_skip_unanswerable():
+    rows = [{"context": "The cat sat. The dog ran to the park. It rained.", "question": "Where did the dog run? ",
+             "answers": [{"text": "the park", "answer_start": 30}, {"text": "park", "answer_start": 34}],
+             "is_impossible": False},
+            {"context": "x", "question": "y", "answers": [], "is_impossible": True}]
+    (rec,) = qa.squad_records(rows)
+    assert rec["prompt"] == "Context: The dog ran to the park.\nQuestion: Where did the dog run?\nAnswer:"
+    assert rec["answers"] == ["park", "the park"] and rec["response"] == " the park"
+
+
+def test_qa_metrics_by_hand():
+    completions = ["Lily", " the Tom.", "Ben", "big red dog"]
+    answers = [["Lily"], ["Tom"], ["Sam"], ["red dog", "cat"]]
+    m = qa.metrics(completions, {"answers": answers})
+    assert m["exact_match"] == pytest.approx(2 / 4)  # "the Tom." normalises to "tom"
+    # F1 of "big red dog" vs "red dog": precision 2/3, recall 1 -> 0.8
+    assert m["f1"] == pytest.approx((1 + 1 + 0 + 0.8) / 4)
+
+
+def test_sentiment_analysis_metrics_by_hand():
+    m = sentiment_analysis.metrics([" positive", "Negative.", "maybe so", ""],
+                                   {"label": ["positive", "positive", "negative", "negative"]})
+    assert m == {"accuracy": pytest.approx(1 / 4), "valid_answer": pytest.approx(2 / 4)}
+
+
+def test_text_generation_opening_and_positive_fraction():
+    assert text_generation.opening("Tom ran. Then he sat.") == "Tom ran."
+    assert text_generation.opening(" ".join(["w"] * 20) + ".") == " ".join(["w"] * 12)
+    m = text_generation.metrics(["I love this, it is wonderful", "it is terrible", "a chair"], {})
+    assert m["positive_fraction"] == pytest.approx(1 / 3)
+
+
+def test_prepare_writes_disjoint_splits(fake_assets, tmp_path):
+    counts = tasks.prepare("sentiment_analysis", fake_assets, tmp_path / "sa")
+    assert counts == {"sft.jsonl": 500, "train.jsonl": 20, "heldout.jsonl": 20}
+    sft_rows = [json.loads(x) for x in (tmp_path / "sa" / "sft.jsonl").read_text().splitlines()]
+    assert sft_rows[0]["response"] in (" positive", " negative") and sft_rows[0]["prompt"].startswith("Review: ")
+
+    counts = tasks.prepare("qa", fake_assets, tmp_path / "qa")
+    assert all(n > 0 for n in counts.values())
+    read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
+    assert len(read("heldout.jsonl")) == counts["heldout.jsonl"]
+    assert all(set(r) == {"prompt", "response", "answers"} for r in read("train.jsonl"))
+
+    counts = tasks.prepare("qa", fake_assets, tmp_path / "squad", source="squad")
+    assert counts == {"sft.jsonl": 0, "train.jsonl": 0, "heldout.jsonl": 100}  # 150 held out wanted; 100 answerable
+    counts = tasks.prepare("text_generation", fake_assets, tmp_path / "tg")
+    assert counts == {"train.jsonl": 500, "heldout.jsonl": 300}
+    assert not list((tmp_path / "tg").glob(".*tmp*")), "no temporary files are left behind"
+
+
+def test_prepare_refuses_bad_input(fake_assets, tmp_path):
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        tasks.prepare("nope", fake_assets, tmp_path)
+    with pytest.raises(UserError, match="no source 'imdb'"):
+        tasks.prepare("qa", fake_assets, tmp_path, source="imdb")
+    with pytest.raises(UserError, match="no such directory"):
+        tasks.prepare("qa", tmp_path / "missing", tmp_path)
+    with pytest.raises(UserError, match="no such file: .*gsm8k|no such file: .*sst2"):
+        tasks.prepare("sentiment_analysis", tmp_path, tmp_path / "out")
+
+
+def test_config_task_must_be_known(tmp_path):
+    with pytest.raises(ConfigError, match="task: unknown task 'q_a' \\(did you mean 'qa'\\?\\)"):
+        load_config(None, ["model.name_or_path=m", "data.path=d", "task=q_a"], check_paths=False)
+
+
+def test_every_task_has_its_example_pipeline():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for task in tasks.TASKS.values():
+        assert (root / task.example).is_file(), task.example
+
+
+@pytest.mark.slow
+def test_pipeline_prepares_its_task_and_reports_its_metric(tiny_model_dir, fake_assets, tmp_path):
+    data = tmp_path / "data"
+    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\n"
+                                       f"data: {{path: {data / 'sft.jsonl'}}}\noptim: {{epochs: 1}}\n")
+    (tmp_path / "ppo.yaml").write_text(
+        f"task: sentiment_analysis\nmodel: {{name_or_path: {tiny_model_dir}, critic: policy}}\n"
+        f"data: {{path: {data / 'train.jsonl'}}}\n"
+        "rollout: {batch_size: 8, max_new_tokens: 4}\nreward: {sources: [{type: exact_match, field: label}]}\n"
+        "ppo: {num_minibatches: 2}\ntrain: {iterations: 2, progress: false, log_samples: 0}\n")
+    (tmp_path / "pipe.yaml").write_text(
+        f"output_dir: {tmp_path / 'p'}\ntask: sentiment_analysis\nassets: {fake_assets}\ndata_dir: {data}\n"
+        f"sft: {tmp_path / 'sft.yaml'}\nppo: {tmp_path / 'ppo.yaml'}\neval_data: {data / 'heldout.jsonl'}\n"
+        "eval_limit: null\neval_greedy: true\n")
+    first = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    result = json.loads((tmp_path / "p" / "eval" / "compare.json").read_text())
+    assert result["after"]["decoding"] == "greedy" and result["after"]["samples"] == 20
+    assert {"accuracy", "valid_answer"} <= set(result["after"])
+    again = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    assert again.returncode == 0 and "[data] skipped" in again.stderr
