@@ -26,7 +26,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# The three applications end to end on ../shared/assets; rewrites docs/RESULTS.md (about 15 min on 2 cores).
+# The three applications end to end on ../shared/assets; rewrites docs/RESULTS.md (about 10 min on 2 cores).
 results: $(STAMP)
 	$(BIN)/python scripts/make_results.py
 

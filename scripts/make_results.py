@@ -28,8 +28,8 @@ from ppo_lm.tasks import TASKS, text_generation  # noqa: E402
 
 #: The metrics shown per application (the eval reports more; all of it is in runs/<task>/eval/compare.json).
 SHOWN = {
-    "sentiment_analysis": ["accuracy", "valid_answer", "kl_to_reference"],
-    "qa": ["exact_match", "f1", "kl_to_reference", "reference_perplexity"],
+    "sentiment_analysis": ["reward_mean", "accuracy", "valid_answer", "kl_to_reference"],
+    "qa": ["reward_mean", "exact_match", "f1", "kl_to_reference", "reference_perplexity"],
     "text_generation": ["reward_mean", "reward[reward.sources.0 (sentiment)]", "positive_fraction",
                         "kl_to_reference", "distinct_1", "distinct_2", "reference_perplexity"],
 }
@@ -77,7 +77,10 @@ def section(task: str, seconds: float) -> tuple[str, bool]:
              "|---|---|---|---|"]
     for m in SHOWN[task]:
         if m in before and m in after:
-            lines.append(f"| {m} | {fmt(m, before[m], n)} | {fmt(m, after[m], n)} | {after[m] - before[m]:+.3f} |")
+            change = f"{after[m] - before[m]:+.3f}"
+            if m == "reward_mean":
+                change += f" ± {result['reward_change_paired_sem']:.3f} (paired)"
+            lines.append(f"| {m} | {fmt(m, before[m], n)} | {fmt(m, after[m], n)} | {change} |")
     ok = True
     if task == "text_generation":
         checks = []
@@ -124,8 +127,10 @@ def main() -> int:
         f"{__import__('os').cpu_count()} CPU cores, no GPU; total time {minutes:.1f} min.",
         "- Model: the real pretrained TinyStories Llama `stories260K` (260K parameters) from ../shared/assets; "
         "data: the real public datasets there. Nothing here is in the repository.",
-        "- `±` is one standard error of a 0/1 mean, sqrt(p(1-p)/n). Before and after are decoded on the same "
-        "held-out prompts with the same seed.",
+        "- Before and after are decoded on the same held-out prompts with the same seed. In the before/after "
+        "columns `±` is one standard error of a 0/1 mean, sqrt(p(1-p)/n); in the change column it is the standard "
+        "error of the mean per-prompt difference of the reward (paired), which is what says whether PPO changed "
+        "anything. For qa and sentiment_analysis the reward is the exact-match score the table also lists.",
         "- What a 260K-parameter model cannot do: extractive QA on SQuAD 2.0 (`ppo-lm prepare qa --source squad`). "
         "After SFT it reaches a token F1 of about 0.01 on held-out questions, too little reward for PPO to learn "
         "from; that source is there for larger models.", "",

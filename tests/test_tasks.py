@@ -121,6 +121,14 @@ def test_config_task_must_be_known(tmp_path):
         load_config(None, ["model.name_or_path=m", "data.path=d", "task=q_a"], check_paths=False)
 
 
+def test_task_metric_names_a_missing_field():
+    from ppo_lm.evaluate import task_metrics
+
+    cfg = load_config(None, ["model.name_or_path=m", "data.path=prompts.jsonl", "task=qa"], check_paths=False)
+    with pytest.raises(UserError, match="prompts.jsonl: task 'qa' needs the field 'answers'"):
+        task_metrics(cfg, ["x"], {"prompt": ["p"]})
+
+
 def test_every_task_has_its_example_pipeline():
     from pathlib import Path
 
@@ -147,6 +155,7 @@ def test_pipeline_prepares_its_task_and_reports_its_metric(tiny_model_dir, fake_
     assert first.returncode == 0, first.stderr
     result = json.loads((tmp_path / "p" / "eval" / "compare.json").read_text())
     assert result["after"]["decoding"] == "greedy" and result["after"]["samples"] == 20
-    assert {"accuracy", "valid_answer"} <= set(result["after"])
+    assert {"accuracy", "valid_answer"} <= set(result["after"]) and result["reward_change_paired_sem"] >= 0
+    assert len(result["after"]["scores"]) == 20
     again = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
     assert again.returncode == 0 and "[data] skipped" in again.stderr

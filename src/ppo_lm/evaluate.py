@@ -18,6 +18,7 @@ import torch
 from . import algo, tasks
 from .config import Config
 from .data import build_prompt_dataset, load_records
+from .errors import UserError
 from .models import lm_forward, load_causal_lm, load_tokenizer
 from .rewards import build_reward
 from .rollout import left_pad, sample_responses
@@ -27,6 +28,14 @@ def distinct_n(texts: list[str], n: int) -> float:
     """Distinct n-grams over all n-grams of the texts (Li et al. 2016); 0 when there are none."""
     grams = [tuple(words[i:i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def task_metrics(cfg: Config, completions: list[str], fields: dict[str, list]) -> dict[str, float]:
+    try:
+        return tasks.get(cfg.task).metrics(completions, fields)
+    except KeyError as e:
+        raise UserError(f"task {cfg.task!r} needs the field {e.args[0]!r} in every record "
+                        f"(fields: {', '.join(sorted(fields)) or 'none'})", cfg.data.path) from None
 
 
 @torch.no_grad()
@@ -71,13 +80,14 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
         "model": str(model_path), "samples": n, "decoding": "greedy" if greedy else "sampled",
         "reward_mean": total.mean().item(), "reward_std": std, "reward_sem": std / math.sqrt(n),
         **{f"reward[{name}]": v.mean().item() for name, v in parts.items()},
-        **(tasks.get(cfg.task).metrics(completions, fields_all) if cfg.task else {}),
+        **(task_metrics(cfg, completions, fields_all) if cfg.task else {}),
         "response_length": sum(lengths) / len(lengths), "eos_fraction": sum(ended) / len(ended),
         "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2),
     }
     if ref is not None:
         out["kl_to_reference"] = sum(kls) / len(kls)
         out["reference_perplexity"] = math.exp(ref_nll / max(1, ref_tokens))
+    out["scores"] = total.tolist()  # per prompt, in order: lets a comparison pair the two models' outcomes
     out["examples"] = [{"prompt": p, "completion": c, "reward": r}
                        for p, c, r in zip(prompts_all[:5], completions[:5], total[:5].tolist())]
     return out
@@ -89,8 +99,10 @@ def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, s
     a = evaluate(cfg, before, reference=before, limit=limit, seed=seed, greedy=greedy, notice=notice)
     b = evaluate(cfg, after, reference=before, limit=limit, seed=seed, greedy=greedy)
     keys = [k for k in a if isinstance(a[k], float) and k in b]
-    return {"before": a, "after": b, "rows": [{"metric": k, "before": a[k], "after": b[k], "change": b[k] - a[k]}
-                                              for k in keys]}
+    diff = torch.tensor(b["scores"]) - torch.tensor(a["scores"])
+    paired_sem = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return {"before": a, "after": b, "reward_change_paired_sem": paired_sem,
+            "rows": [{"metric": k, "before": a[k], "after": b[k], "change": b[k] - a[k]} for k in keys]}
 
 
 def markdown_table(result: dict) -> str:

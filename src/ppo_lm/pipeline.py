@@ -83,7 +83,11 @@ def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> Pipelin
         from . import tasks
 
         if p.task not in tasks.TASKS:
-            raise ConfigError("task", f"unknown task {p.task!r} (known: {', '.join(tasks.TASKS)})", config_path)
+            from .config import _suggest
+
+            close = _suggest(p.task, list(tasks.TASKS))
+            hint = f"(did you mean '{close}'?)" if close else f"(known: {', '.join(tasks.TASKS)})"
+            raise ConfigError("task", f"unknown task {p.task!r} {hint}", config_path)
         if not p.data_dir:
             raise ConfigError("data_dir", "a pipeline with a task needs data_dir: where its files go", config_path)
     return p

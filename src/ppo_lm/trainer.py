@@ -34,6 +34,7 @@ from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from . import checkpoint as ckpt
 from .errors import RewardError, TrainingDiverged, UserError
+from .evaluate import distinct_n
 from .models import PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
@@ -241,6 +242,7 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
         "advantage_std": algo.masked_var(scored.advantages, mask).sqrt().item(),
         "response_length": lengths.mean().item(),
         "eos_fraction": r.ended_with_eos.float().mean().item(),
+        "distinct_2": distinct_n(r.completions, 2),
         "lr": lr,
         "samples_seen": state.samples_seen,
         "nonfinite_skips": state.nonfinite_skips,
