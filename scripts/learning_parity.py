@@ -7,7 +7,15 @@ hyper-parameters with TRL's PPOTrainer and with ppo-lm, and plot both reward cur
 Task: reward = fraction of the 32 response tokens whose id is in [3, 4096) of an 8192-word vocabulary (so a
 random policy starts near 0.5). Configuration otherwise as `ppo-lm bench` (64 prompts of 16 tokens, 4 epochs x 4
 minibatches, kl_coef 0.05 k1, gamma 1, lambda 0.95, clip 0.2/0.2, vf_coef 0.1, fp32). One difference is by
-design: TRL trains a separate value model, ppo-lm a value head on the policy's trunk.
+design: TRL trains a separate value model, ppo-lm a value head on the policy's trunk (``--critic``: a separate one).
+
+With ``--pretrained DIR --stories FILE`` the policy is a real pretrained model (e.g. stories260K from
+../shared/assets) instead, the prompts are story openings of equal token length from FILE (TinyStories jsonl),
+and the reward is the VADER sentiment of the response on both sides (TRL gets it through a reward module that
+decodes the response):
+
+    TRL_PEER_VENV=... python scripts/learning_parity.py --pretrained ../shared/assets/stories260K/hf \
+        --stories ../shared/assets/tinystories_text/tinystories_train_head.jsonl --lr 3e-4 --critic --seed 0
 """
 from __future__ import annotations
 
@@ -25,6 +33,23 @@ sys.path.insert(0, str(ROOT / "src"))
 VOCAB, BELOW = 8192, 4096
 
 
+def story_prompts(model_dir: str, stories: str, n: int = 256, length: int = 10) -> list[str]:
+    """Openings of ``n`` stories cut to ``length`` tokens (BOS included) that re-tokenise to exactly those tokens,
+    so that every prompt has one length (TRL's PPOTrainer takes no padded prompts)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for line in Path(stories).read_text(encoding="utf-8").splitlines():
+        ids = tok(json.loads(line)["text"])["input_ids"][:length]
+        text = tok.decode(ids, skip_special_tokens=True)
+        if len(ids) == length and tok(text)["input_ids"] == ids:
+            out.append(text)
+        if len(out) == n:
+            break
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
@@ -33,6 +58,9 @@ def main() -> int:
     ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
     ap.add_argument("--critic", action="store_true",
                     help="ppo-lm with a separate critic (model.critic), like TRL's separate value model")
+    ap.add_argument("--pretrained", help="a pretrained causal LM folder to use as the policy (reward: sentiment)")
+    ap.add_argument("--stories", help="with --pretrained: TinyStories jsonl to cut the prompts from")
+    ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
     a = ap.parse_args()
     venv = os.environ.get("TRL_PEER_VENV")
@@ -57,12 +85,20 @@ def main() -> int:
         return torch.tensor([sum(w in targets for w in c.split()) / 32 for c in completions])
 
     with tempfile.TemporaryDirectory(prefix="ppo-lm-parity-") as tmp:
-        toy.save_model(toy.gpt2(tok, seed=1, **SHAPES["tiny"]), tok, Path(tmp) / "policy")
-        prompts = synthetic_prompts()
+        if a.pretrained:
+            import shutil
+
+            shutil.copytree(a.pretrained, Path(tmp) / "policy")
+            prompts = story_prompts(a.pretrained, a.stories)
+            task = ["--reward", "sentiment"]
+        else:
+            toy.save_model(toy.gpt2(tok, seed=1, **SHAPES["tiny"]), tok, Path(tmp) / "policy")
+            prompts = synthetic_prompts()
+            task = ["--target-below", str(BELOW)]
         (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
         cmd = [str(Path(venv, "bin", "python")), str(ROOT / "scripts" / "parity_trl.py"), "--models", tmp,
                "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
-               "--seed", str(a.seed), "--target-below", str(BELOW)]
+               "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
         print("$", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         if proc.returncode != 0:
@@ -72,17 +108,20 @@ def main() -> int:
 
         cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
         d = cfg.to_dict()
-        d["ppo"]["lr"], d["train"]["seed"] = a.lr, a.seed
+        d["ppo"]["lr"], d["ppo"]["kl_coef"], d["train"]["seed"] = a.lr, a.kl_coef, a.seed
         if a.critic:
-            d["model"]["critic"] = str(Path(tmp) / "policy")
-        d["reward"] = {"sources": [{"type": "sentiment"}]}  # replaced by reward_fn below
-        result = train(config_from_dict(d), reward_fn=reward, records=[{"prompt": p} for p in prompts])
+            d["model"]["critic"] = "policy"
+        d["reward"] = {"sources": [{"type": "sentiment"}]}  # VADER; the count task passes reward_fn instead
+        result = train(config_from_dict(d), reward_fn=None if a.pretrained else reward,
+                       records=[{"prompt": p} for p in prompts])
         ours = [m["reward_mean"] for m in result.metrics]
 
     def tail(xs):
         return round(sum(xs[-5:]) / len(xs[-5:]), 4)
 
-    summary = {"iterations": a.iters, "lr": a.lr, "seed": a.seed, "mixed_precision": a.mixed_precision,
+    summary = {"iterations": a.iters, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed,
+               "mixed_precision": a.mixed_precision,
+               "task": f"{Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
                "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
