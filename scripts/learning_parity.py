@@ -50,6 +50,30 @@ def story_prompts(model_dir: str, stories: str, n: int = 256, length: int = 10) 
     return out
 
 
+def combine(files: list[str], out: Path) -> int:
+    """One figure with both libraries' curves of several runs (one colour per library, one line per run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for i, f in enumerate(files):
+        run = json.loads(Path(f).read_text())
+        for key, colour, name in (("trl_reward", "tab:blue", "TRL 1.12.0"), ("ppo_lm_reward", "tab:orange", "ppo-lm")):
+            xs = [64 * (k + 1) for k in range(len(run[key]))]
+            ax.plot(xs, run[key], color=colour, alpha=0.8, lw=1.2, label=name if i == 0 else None)
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean reward of the batch")
+    ax.set_title(f"{len(files)} seeds, same task and hyper-parameters")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(out)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
@@ -62,7 +86,10 @@ def main() -> int:
     ap.add_argument("--stories", help="with --pretrained: TinyStories jsonl to cut the prompts from")
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="only plot these earlier runs in one figure (--out .png)")
     a = ap.parse_args()
+    if a.combine:
+        return combine(a.combine, Path(a.out).with_suffix(".png"))
     venv = os.environ.get("TRL_PEER_VENV")
     if not venv or not Path(venv, "bin", "python").exists():
         print("learning-parity skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0")
@@ -121,7 +148,7 @@ def main() -> int:
 
     summary = {"iterations": a.iters, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed,
                "mixed_precision": a.mixed_precision,
-               "task": f"{Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
+               "task": f"{Path(a.pretrained).resolve().parent.name if Path(a.pretrained).name == 'hf' else Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
                "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
