@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"fp32": [], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"], "lora-bf16": ["--lora", "--mixed-precision", "bf16"]}
+MODES = {"fp32": [], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"], "lora-bf16": ["--lora", "--mixed-precision", "bf16"],
+         "critic": ["--critic"], "critic-bf16": ["--critic", "--mixed-precision", "bf16"]}
 
 
 def last_json(text: str) -> dict:

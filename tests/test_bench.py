@@ -17,6 +17,11 @@ def test_model_flops_by_hand():
     flops = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1)
     assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + 2 * fwd)}
     assert flops["train"] == 61824 and flops["rollout"] == 53696
+    # a separate critic adds one trunk pass (no LM head) per sequence: (2n + 4 L S d) S = (1776 + 160) * 5 = 9680
+    trunk = (2 * n + 4 * 1 * seq * 8) * seq
+    assert trunk == 9680
+    with_critic = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1, critic=True)
+    assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + 2 * fwd + trunk)}
 
 
 def test_bench_prompts_match_the_peer_recipe():

@@ -78,11 +78,12 @@ def build_models(root: str, size: str) -> None:
 
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", critic: bool = False):
     from .config import config_from_dict
 
     return config_from_dict({
-        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype},
+        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype,
+                  "critic": "policy" if critic else None},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
@@ -112,7 +113,7 @@ def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 
     return best
 
 
-def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
+def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False) -> dict:
     """Matmul FLOPs of one PPO iteration, counted from the shapes (the usual 2 FLOPs per multiply-add,
     backward = 2 x forward):
 
@@ -120,7 +121,9 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
       and their weighted sum over a context of S tokens);
     * per response token through the LM head: 2 d V (the prompt's logits are never computed);
     * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation of each new token
-      (context grows) plus the policy and reference forwards over the full sequences.
+      (context grows) plus the policy and reference forwards over the full sequences;
+    * ``critic``: a separate critic trunk of the same shape adds one trunk pass (no LM head) per sequence to
+      the rollout and ``epochs`` x (forward + backward) to training.
     """
     cfg = lm.config
     d = cfg.hidden_size
@@ -133,14 +136,16 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
     seq = prompt_len + new_tokens
     fwd_seq = (2 * n_trunk + 4 * layers * seq * d) * seq + 2 * d * vocab * new_tokens
     generate = sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens))
-    return {"train": 3 * fwd_seq * batch * epochs, "rollout": batch * (generate + 2 * fwd_seq)}
+    trunk_seq = (2 * n_trunk + 4 * layers * seq * d) * seq if critic else 0
+    return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs, "rollout": batch * (generate + 2 * fwd_seq + trunk_seq)}
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no") -> dict:
+def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no",
+        critic: bool = False) -> dict:
     from .trainer import train
 
     iterations = max(2, iterations)
@@ -154,17 +159,17 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         if proc.exitcode != 0:
             raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
-                           dtype="bfloat16" if size == "qwen0.5b" else "float32")
+                           dtype="bfloat16" if size == "qwen0.5b" else "float32", critic=critic)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
         base = result.policy.lm.get_base_model() if lora else result.policy.lm
-        flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
+        flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic)
     rows = result.metrics[1:]  # iteration 1 is warm-up
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
     out = {
-        "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision,
+        "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
         "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
         "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),

@@ -151,7 +151,8 @@ def cmd_bench(args) -> int:
     _quiet_libraries()
     from . import bench
 
-    bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision)
+    bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision,
+              critic=args.critic)
     return 0
 
 
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iterations", type=int, default=4, help="iterations; the first is warm-up")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (reference = adapters off)")
     b.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    b.add_argument("--critic", action="store_true",
+                   help="a separate critic started from the policy's weights (like TRL's value model)")
     b.set_defaults(func=cmd_bench)
     return p
 
