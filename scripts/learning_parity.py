@@ -90,6 +90,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.combine:
         return combine(a.combine, Path(a.out).with_suffix(".png"))
+    if a.pretrained and not a.stories:
+        ap.error("--pretrained needs --stories (a TinyStories jsonl to cut the prompts from)")
     venv = os.environ.get("TRL_PEER_VENV")
     if not venv or not Path(venv, "bin", "python").exists():
         print("learning-parity skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0")

@@ -36,14 +36,14 @@ SHOWN = {
 #: Metrics that are a mean of 0/1 outcomes: their standard error is sqrt(p(1-p)/n).
 BINARY = {"accuracy", "valid_answer", "exact_match", "positive_fraction"}
 WHAT = {
-    "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on 500 "
+    "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on {sft} "
                           "labelled demonstrations teaches the format; PPO then learns from a reward of 1 for the "
-                          "correct label on the other 6420 training sentences. Held out: SST-2 `test_dev.jsonl` "
-                          "(1321 sentences), greedy answers.",
+                          "correct label on the other {train} training sentences. Held out: SST-2 `test_dev.jsonl` "
+                          "({heldout} sentences), greedy answers.",
     "qa": "Reading comprehension over real TinyStories text (Children's Book Test style): the context is up to three "
           "sentences of a story, the question the next sentence with a character's name blanked out, the answer "
-          "that name. SFT on questions from 400 stories; PPO (reward: exact match) on questions from 1416 other "
-          "stories; held out: questions from 300 further stories, greedy answers.",
+          "that name. SFT on {sft} questions from 400 stories; PPO (reward: exact match) on {train} questions from "
+          "the other stories; held out: {heldout} questions from 300 further stories, greedy answers.",
     "text_generation": "The policy continues the opening of a real TinyStories story and is steered toward a positive "
                        "tone: reward = VADER sentiment + 0.2 x a reward model that the pipeline first trains on SST-2 "
                        "(pointwise). Held out: the openings of 300 stories not used in training, sampled at "
@@ -70,7 +70,9 @@ def section(task: str, seconds: float) -> tuple[str, bool]:
     summary = json.loads((run_dir / "summary.json").read_text())
     before, after = result["before"], result["after"]
     n = after["samples"]
-    lines = [f"## {task}", "", WHAT[task], "",
+    counts = json.loads((ROOT / "runs" / "data" / task / "PREPARED.json").read_text())["records"]
+    what = WHAT[task].format(**{k.removesuffix(".jsonl"): v for k, v in counts.items()})
+    lines = [f"## {task}", "", what, "",
              f"Command: `ppo-lm pipeline {TASKS[task].example}` ({seconds / 60:.1f} min; stages: "
              + ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items()) + ")", "",
              f"| metric ({n} held-out prompts, {after['decoding']}) | before PPO | after PPO | change |",
@@ -105,7 +107,7 @@ def main() -> int:
     ap.add_argument("--tasks", nargs="+", default=["sentiment_analysis", "qa", "text_generation"], choices=list(TASKS))
     ap.add_argument("--assets", default="../shared/assets")
     args = ap.parse_args()
-    if not (ROOT / args.assets).is_dir() and not Path(args.assets).is_dir():
+    if not (ROOT / args.assets).is_dir():  # the pipelines run from the repository root
         print(f"error: --assets: no such directory: {args.assets} (make results needs the public data there)",
               file=sys.stderr)
         return 2
@@ -125,16 +127,23 @@ def main() -> int:
         "Re-run it to regenerate this file.", "",
         f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, "
         f"{__import__('os').cpu_count()} CPU cores, no GPU; total time {minutes:.1f} min.",
-        "- Model: the real pretrained TinyStories Llama `stories260K` (260K parameters) from ../shared/assets; "
+        "- Model: the real pretrained TinyStories Llama `stories260K` (260K parameters) from ../shared/assets "
+        "(the example configs name it there; `--assets` moves only the data); "
         "data: the real public datasets there. Nothing here is in the repository.",
         "- Before and after are decoded on the same held-out prompts with the same seed. In the before/after "
         "columns `±` is one standard error of a 0/1 mean, sqrt(p(1-p)/n); in the change column it is the standard "
         "error of the mean per-prompt difference of the reward (paired), which is what says whether PPO changed "
         "anything. For qa and sentiment_analysis the reward is the exact-match score the table also lists.",
+        "- `kl_to_reference` is nats per response against the starting model: for greedy answers the exact KL of each "
+        "next-token distribution along the answer, for sampled ones the k1 estimate on the samples.",
         "- What a 260K-parameter model cannot do: extractive QA on SQuAD 2.0 (`ppo-lm prepare qa --source squad`). "
         "After SFT it reaches a token F1 of about 0.01 on held-out questions, too little reward for PPO to learn "
         "from; that source is there for larger models.", "",
     ]
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    header[4] = header[4].replace("no GPU", device)
     (ROOT / "docs" / "RESULTS.md").write_text("\n".join(header + sections))
     print(f"wrote docs/RESULTS.md in {minutes:.1f} min; every application improved: {all_ok}")
     return 0 if all_ok else 1

@@ -84,6 +84,8 @@ def main():
                     help="count: --target-below; sentiment: VADER on the decoded response (pretrained policies)")
     ap.add_argument("--kl-coef", type=float, default=0.05)
     a = ap.parse_args()
+    if a.reward == "count" and a.target_below is None:
+        ap.error("--reward count needs --target-below")
     torch.set_num_threads(2)
     tok = AutoTokenizer.from_pretrained(os.path.join(a.models, "policy"))
     policy = AutoModelForCausalLM.from_pretrained(os.path.join(a.models, "policy"))

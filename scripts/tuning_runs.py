@@ -85,7 +85,7 @@ def main() -> int:
             tail = rows[-5:]
             summary[name][label] = {"command": " ".join(["ppo-lm train", config, *start, *overrides]),
                                     **{k: round(sum(r[k] for r in tail) / len(tail), 4) for k in panels},
-                                    "reward_first5": round(sum(r["reward_mean"] for r in rows[:5]) / 5, 4)}
+                                    "reward_first5": round(sum(r["reward_mean"] for r in rows[:5]) / len(rows[:5]), 4)}
             for ax, key in zip(axes, panels):
                 ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=label)
                 ax.set_title(key)

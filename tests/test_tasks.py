@@ -99,7 +99,9 @@ def test_prepare_writes_disjoint_splits(fake_assets, tmp_path):
     assert all(set(r) == {"prompt", "response", "answers"} for r in read("train.jsonl"))
 
     counts = tasks.prepare("qa", fake_assets, tmp_path / "squad", source="squad")
-    assert counts == {"sft.jsonl": 0, "train.jsonl": 0, "heldout.jsonl": 100}  # 150 held out wanted; 100 answerable
+    # split by paragraph: all 100 answerable questions share one context, so all of them are held out together
+    assert counts == {"sft.jsonl": 0, "train.jsonl": 0, "heldout.jsonl": 100}
+    assert tasks.prepared(tmp_path / "squad", "qa", "squad") and not tasks.prepared(tmp_path / "squad", "qa", None)
     counts = tasks.prepare("text_generation", fake_assets, tmp_path / "tg")
     assert counts == {"train.jsonl": 500, "heldout.jsonl": 300}
     assert not list((tmp_path / "tg").glob(".*tmp*")), "no temporary files are left behind"
@@ -112,8 +114,24 @@ def test_prepare_refuses_bad_input(fake_assets, tmp_path):
         tasks.prepare("qa", fake_assets, tmp_path, source="imdb")
     with pytest.raises(UserError, match="no such directory"):
         tasks.prepare("qa", tmp_path / "missing", tmp_path)
-    with pytest.raises(UserError, match="no such file: .*gsm8k|no such file: .*sst2"):
+    with pytest.raises(UserError, match="no such file: .*sst2"):
         tasks.prepare("sentiment_analysis", tmp_path, tmp_path / "out")
+
+
+def test_malformed_asset_line_is_named(fake_assets, tmp_path):
+    bad = fake_assets / "sst2" / "test_dev.jsonl"
+    bad.write_text(bad.read_text() + "{not json\n")
+    with pytest.raises(UserError, match=r"test_dev.jsonl:21: malformed JSON line"):
+        tasks.prepare("sentiment_analysis", fake_assets, tmp_path / "sa")
+
+
+def test_sentiment_metric_refuses_numeric_labels():
+    from ppo_lm.evaluate import task_metrics
+
+    cfg = load_config(None, ["model.name_or_path=m", "data.path=sst.jsonl", "task=sentiment_analysis"],
+                      check_paths=False)
+    with pytest.raises(UserError, match="sst.jsonl: task 'sentiment_analysis': field 'label' must hold the label word"):
+        task_metrics(cfg, [" positive"], {"label": [1]})
 
 
 def test_config_task_must_be_known(tmp_path):

@@ -3,8 +3,9 @@
 For each prompt of ``data`` one completion is sampled with the config's rollout settings (seeded), or decoded
 greedily with ``greedy``. Reported: the reward (total, its standard error, and per source), response length and EOS
 rate, distinct-1/2 diversity, the task's own metric when the config names a ``task`` (EM/F1, accuracy, ...), and,
-when a reference model is given, the KL of the model to it (sum over the response of log p - log q, the k1
-estimate) and the perplexity of the completions under the reference (a fluency measure).
+when a reference model is given, the KL of the model to it, summed over the response (sampled: the k1 estimate log p - log q
+on the model's samples; greedy: the exact KL of each next-token distribution along the greedy answer) and the
+perplexity of the completions under the reference (a fluency measure).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def task_metrics(cfg: Config, completions: list[str], fields: dict[str, list]) -
     except KeyError as e:
         raise UserError(f"task {cfg.task!r} needs the field {e.args[0]!r} in every record "
                         f"(fields: {', '.join(sorted(fields)) or 'none'})", cfg.data.path) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"task {cfg.task!r}: {e}", cfg.data.path) from None
 
 
 @torch.no_grad()
@@ -67,9 +70,14 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
             T = response.shape[1]
             logits, _ = lm_forward(model, full, full_mask, T)
             ref_logits, _ = lm_forward(ref, full, full_mask, T)
-            lp = algo.logprobs_from_logits(logits, response, cfg.rollout.temperature)
-            ref_lp = algo.logprobs_from_logits(ref_logits, response, cfg.rollout.temperature)
-            kls += (algo.kl_k1(lp, ref_lp) * mask).sum(-1).tolist()
+            if greedy:  # argmax tokens are no sample of the model: take the exact KL of each next-token distribution
+                logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+                per_token = (logp.exp() * (logp - logq)).sum(-1)
+            else:  # the k1 estimate on the model's own samples, at the sampling temperature
+                lp = algo.logprobs_from_logits(logits, response, cfg.rollout.temperature)
+                ref_lp = algo.logprobs_from_logits(ref_logits, response, cfg.rollout.temperature)
+                per_token = algo.kl_k1(lp, ref_lp)
+            kls += (per_token * mask).sum(-1).tolist()
             plain_ref_lp = algo.logprobs_from_logits(ref_logits, response)
             ref_nll -= float((plain_ref_lp * mask).sum())
             ref_tokens += int(mask.sum())

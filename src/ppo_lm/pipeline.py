@@ -97,11 +97,10 @@ def prepare_data(p: PipelineConfig, console) -> None:
     """Write the task's files unless they are all there already (data only; no model is loaded)."""
     from . import tasks
 
-    wanted = {"train.jsonl", "heldout.jsonl"} | ({"sft.jsonl"} if p.sft else set())
-    if all((Path(p.data_dir) / f).is_file() for f in wanted):
+    if tasks.prepared(p.data_dir, p.task, p.source):
         console.print(rf"\[data] skipped: {p.data_dir} has the {p.task} files")
         return
-    counts = tasks.prepare(p.task, p.assets, p.data_dir, source=p.source)
+    counts = tasks.prepare(p.task, p.assets, p.data_dir, source=p.source, fields=("assets", "source"))
     console.print(rf"\[data] {p.task} from {p.assets}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 

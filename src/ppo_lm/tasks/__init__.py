@@ -50,18 +50,27 @@ def get(name: str, field: str = "task") -> Task:
     return TASKS[name]
 
 
-def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | None = None) -> dict[str, int]:
-    """Write the task's jsonl files into ``out`` (each atomically: a temporary file, then a rename). Returns the
-    number of records per file."""
+#: Written last by :func:`prepare`: which task and source the files are, so stale files are not reused.
+MANIFEST = "PREPARED.json"
+
+
+def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | None = None,
+            fields: tuple[str, str] = ("--assets", "--source")) -> dict[str, int]:
+    """Write the task's jsonl files into ``out`` (each atomically: a temporary file, then a rename), then
+    ``PREPARED.json``. Returns the number of records per file. ``fields`` name the assets and source settings
+    in error messages (command-line flags, or the pipeline's keys)."""
     task = get(name)
     source = source or task.sources[0]
     if source not in task.sources:
-        raise UserError(f"task {name!r} has no source {source!r} (known: {', '.join(task.sources)})", "--source")
+        raise UserError(f"task {name!r} has no source {source!r} (known: {', '.join(task.sources)})", fields[1])
     assets = Path(assets).expanduser()
     if not assets.is_dir():
         raise UserError(f"no such directory: {assets} (the folder with the public datasets, e.g. ../shared/assets)",
-                        "--assets")
-    files = task.build(assets, source)
+                        fields[0])
+    try:
+        files = task.build(assets, source)
+    except KeyError as e:
+        raise UserError(f"a record of the {name} data lacks the field {e.args[0]!r}", f"{fields[0]} {assets}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for fname, records in files.items():
@@ -69,12 +78,31 @@ def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | Non
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         tmp.replace(out / fname)
-    return {fname: len(records) for fname, records in files.items()}
+    counts = {fname: len(records) for fname, records in files.items()}
+    (out / MANIFEST).write_text(json.dumps({"task": name, "source": source, "records": counts}) + "\n")
+    return counts
+
+
+def prepared(out: str | Path, name: str, source: str | None) -> bool:
+    """Whether ``out`` holds complete files of this task and source (as :func:`prepare` leaves them)."""
+    try:
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("task") == name and manifest.get("source") == (source or get(name).sources[0])
+            and all((Path(out) / f).is_file() for f in manifest.get("records", {})))
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """A public data file of the assets folder; a missing one is a clear error naming it."""
+    """A public data file of the assets folder; a missing or malformed one is a clear error naming it."""
     if not path.is_file():
-        raise UserError(f"no such file: {path}", "--assets")
+        raise UserError(f"no such file: {path}", "assets")
+    rows = []
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"malformed JSON line: {e.msg}", f"{path}:{lineno}") from None
+    return rows

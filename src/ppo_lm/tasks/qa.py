@@ -17,7 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from ..rewards.builtin import normalize_answer, token_f1
+from ..rewards.builtin import _references, normalize_answer, token_f1
 
 NAME = "qa"
 SUMMARY = "answer a question about a short text; reward = exact match with the reference; metrics = EM, F1"
@@ -30,8 +30,8 @@ _NOT_NAMES = {"Once", "One", "The", "She", "He", "They", "It", "But", "Then", "W
 
 
 def stories_records(stories: list[str], rng: random.Random) -> list[list[dict]]:
-    """Per story, its questions: for each sentence k >= 2 that names a character from the 1-3 sentences before
-    it, one question with that name blanked out."""
+    """Per story, its questions: for each sentence k in 2..5 that names a character from the (up to three)
+    sentences before it, one question with that name blanked out."""
     out = []
     for text in stories:
         sentences = _SENTENCE_END.split(text.strip())
@@ -68,10 +68,19 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
     from . import read_jsonl
 
     if source == "squad":
-        records = squad_records(read_jsonl(assets / "squad_v2_dev_subset" / "dev_subset.jsonl"))
-        random.Random(0).shuffle(records)
-        held, rest = records[:150], records[150:]
-        return {"sft.jsonl": rest, "train.jsonl": rest, "heldout.jsonl": held}
+        # split by paragraph: SQuAD asks several questions about each, so a split by question would put held-out
+        # contexts into training
+        groups: dict[str, list[dict]] = {}
+        for row in read_jsonl(assets / "squad_v2_dev_subset" / "dev_subset.jsonl"):
+            groups.setdefault(row["context"], []).extend(squad_records([row]))
+        order = [g for g in groups.values() if g]
+        random.Random(0).shuffle(order)
+        held, rest = [], []
+        for g in order:
+            (held if sum(map(len, held)) < 150 else rest).append(g)
+        flat = lambda gs: [r for g in gs for r in g]  # noqa: E731
+        half = len(rest) // 2
+        return {"sft.jsonl": flat(rest[:half]), "train.jsonl": flat(rest[half:]), "heldout.jsonl": flat(held)}
     stories = [r["text"] for r in read_jsonl(assets / "tinystories_text" / "tinystories_train_head.jsonl")]
     per_story = stories_records(stories, random.Random(0))
     order = list(range(len(stories)))
@@ -85,7 +94,7 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
 
 def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]:
     """SQuAD exact match and token F1, each the best over the reference answers."""
-    refs = fields["answers"]
+    refs = [_references(v) for v in fields["answers"]]  # a string, a list, or SQuAD-style {"text": [...]}
     n = max(1, len(completions))
     em = sum(any(normalize_answer(c) == normalize_answer(r) for r in rs) for c, rs in zip(completions, refs))
     f1 = sum(max(token_f1(c, r) for r in rs) for c, rs in zip(completions, refs))

@@ -44,6 +44,8 @@ def answer(completion: str) -> str:
 def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]:
     """accuracy: the first word of the answer is the gold label; valid: it is one of the label words."""
     answers = [answer(c) for c in completions]
+    if not all(isinstance(g, str) for g in fields["label"]):
+        raise TypeError("field 'label' must hold the label word ('positive' or 'negative'), not a number or null")
     n = max(1, len(answers))
     return {"accuracy": sum(a == gold for a, gold in zip(answers, fields["label"])) / n,
             "valid_answer": sum(a in LABELS.values() for a in answers) / n}
