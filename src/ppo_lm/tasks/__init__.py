@@ -73,6 +73,7 @@ def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | Non
         raise UserError(f"a record of the {name} data lacks the field {e.args[0]!r}", f"{fields[0]} {assets}") from None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # until the new one is written, the folder counts as unprepared
     for fname, records in files.items():
         tmp = out / f".{fname}.tmp-{os.getpid()}"
         with tmp.open("w", encoding="utf-8") as f:
