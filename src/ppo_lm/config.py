@@ -638,12 +638,10 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     if not cfg.model.name_or_path:
         fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
     if cfg.task is not None:
-        from .tasks import TASKS
+        from . import tasks
 
-        if cfg.task not in TASKS:
-            close = _suggest(cfg.task, list(TASKS))
-            fail("task", f"unknown task {cfg.task!r} " + (f"(did you mean '{close}'?)" if close else
-                                                           f"(known: {', '.join(TASKS)})"))
+        if cfg.task not in tasks.TASKS:
+            fail("task", tasks.unknown(cfg.task))
     for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
                        ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
                        ("ppo.lr", cfg.ppo.lr), ("ppo.clip_range", cfg.ppo.clip_range),

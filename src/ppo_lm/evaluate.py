@@ -50,7 +50,12 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     dataset = build_prompt_dataset(records, tokenizer, cfg.data, warn=notice)
     reward = build_reward(cfg.reward)
     model = load_causal_lm(model_path, field="--model").eval()
-    ref = load_causal_lm(reference, field="--reference").eval() if reference else None
+    if reference is None:
+        ref = None
+    elif str(reference) == str(model_path):  # compare() measures the "before" model against itself
+        ref = model
+    else:
+        ref = load_causal_lm(reference, field="--reference").eval()
     torch.manual_seed(seed)
     completions, prompts_all, kls, ref_nll, ref_tokens, lengths, ended = [], [], [], 0.0, 0, [], []
     fields_all: dict[str, list] = {}
@@ -69,7 +74,7 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
             full, full_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1).long()
             T = response.shape[1]
             logits, _ = lm_forward(model, full, full_mask, T)
-            ref_logits, _ = lm_forward(ref, full, full_mask, T)
+            ref_logits = logits if ref is model else lm_forward(ref, full, full_mask, T)[0]
             if greedy:  # argmax tokens are no sample of the model: take the exact KL of each next-token distribution
                 logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
                 per_token = (logp.exp() * (logp - logq)).sum(-1)

@@ -83,11 +83,7 @@ def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> Pipelin
         from . import tasks
 
         if p.task not in tasks.TASKS:
-            from .config import _suggest
-
-            close = _suggest(p.task, list(tasks.TASKS))
-            hint = f"(did you mean '{close}'?)" if close else f"(known: {', '.join(tasks.TASKS)})"
-            raise ConfigError("task", f"unknown task {p.task!r} {hint}", config_path)
+            raise ConfigError("task", tasks.unknown(p.task), config_path)
         if not p.data_dir:
             raise ConfigError("data_dir", "a pipeline with a task needs data_dir: where its files go", config_path)
     return p
@@ -104,9 +100,8 @@ def prepare_data(p: PipelineConfig, console) -> None:
     console.print(rf"\[data] {p.task} from {p.assets}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
-def plan(config_path: str, overrides: list[str] = ()) -> dict:
+def plan(config_path: str, p: PipelineConfig) -> dict:
     """Load and validate every stage's config, wired together; no model is loaded."""
-    p = load_pipeline_config(config_path, overrides)
     root = Path(p.output_dir)
     stages: dict = {"root": root, "pipeline": p}
     sft_final = root / "sft" / "final"
@@ -148,7 +143,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     p = load_pipeline_config(config_path, overrides)
     if p.task:
         prepare_data(p, console)
-    stages = plan(config_path, overrides)
+    stages = plan(config_path, p)
     root: Path = stages["root"]
     done = lambda name: (root / name / "summary.json").exists()  # noqa: E731
     summary: dict = {"seconds": {}}

@@ -43,6 +43,16 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 if the normalised prediction equals any normalised reference, else 0.0."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def best_f1(prediction: str, references: list[str]) -> float:
+    """The best token F1 of the prediction against any reference."""
+    return max(token_f1(prediction, r) for r in references)
+
+
 def _references(value) -> list[str]:
     """A reference field may hold a string, a list of strings, or SQuAD-style [{"text": ...}]."""
     if value is None:
@@ -72,16 +82,14 @@ class ExactMatch(_Reference):
     """1 if the normalised completion equals a normalised reference answer, else 0."""
 
     def __call__(self, prompts, completions, fields):
-        return torch.tensor([float(any(normalize_answer(c) == normalize_answer(r) for r in refs))
-                             for c, refs in zip(completions, self.refs(fields, len(completions)))])
+        return torch.tensor([exact_match(c, refs) for c, refs in zip(completions, self.refs(fields, len(completions)))])
 
 
 class F1(_Reference):
     """Best token F1 (SQuAD definition) between the completion and any reference answer."""
 
     def __call__(self, prompts, completions, fields):
-        return torch.tensor([max(token_f1(c, r) for r in refs)
-                             for c, refs in zip(completions, self.refs(fields, len(completions)))])
+        return torch.tensor([best_f1(c, refs) for c, refs in zip(completions, self.refs(fields, len(completions)))])
 
 
 class Keyword:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..data import load_records
 from ..errors import UserError
 from . import qa, sentiment_analysis, text_generation
 
@@ -44,9 +45,17 @@ TASKS: dict[str, Task] = {
 }
 
 
+def unknown(name: str) -> str:
+    """What is wrong with a task name that is not registered, with a did-you-mean when one is close."""
+    from ..config import _suggest
+
+    close = _suggest(name, list(TASKS))
+    return f"unknown task {name!r} " + (f"(did you mean '{close}'?)" if close else f"(known: {', '.join(TASKS)})")
+
+
 def get(name: str, field: str = "task") -> Task:
     if name not in TASKS:
-        raise UserError(f"unknown task {name!r} (known: {', '.join(TASKS)})", field)
+        raise UserError(unknown(name), field)
     return TASKS[name]
 
 
@@ -96,14 +105,4 @@ def prepared(out: str | Path, name: str, source: str | None) -> bool:
 
 def read_jsonl(path: Path) -> list[dict]:
     """A public data file of the assets folder; a missing or malformed one is a clear error naming it."""
-    if not path.is_file():
-        raise UserError(f"no such file: {path}", "assets")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise UserError(f"malformed JSON line: {e.msg}", f"{path}:{lineno}") from None
-    return rows
+    return load_records(str(path), field="assets")

@@ -17,7 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from ..rewards.builtin import _references, normalize_answer, token_f1
+from ..rewards.builtin import _references, best_f1, exact_match
 
 NAME = "qa"
 SUMMARY = "answer a question about a short text; reward = exact match with the reference; metrics = EM, F1"
@@ -96,6 +96,6 @@ def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]
     """SQuAD exact match and token F1, each the best over the reference answers."""
     refs = [_references(v) for v in fields["answers"]]  # a string, a list, or SQuAD-style {"text": [...]}
     n = max(1, len(completions))
-    em = sum(any(normalize_answer(c) == normalize_answer(r) for r in rs) for c, rs in zip(completions, refs))
-    f1 = sum(max(token_f1(c, r) for r in rs) for c, rs in zip(completions, refs))
+    em = sum(exact_match(c, rs) for c, rs in zip(completions, refs))
+    f1 = sum(best_f1(c, rs) for c, rs in zip(completions, refs))
     return {"exact_match": em / n, "f1": f1 / n}

@@ -37,8 +37,7 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
 
 def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]:
     """Share of continuations whose VADER compound score is positive (> 0.05, VADER's own threshold)."""
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+    from ..rewards.builtin import Sentiment
 
-    analyzer = SentimentIntensityAnalyzer()
-    scores = [analyzer.polarity_scores(c)["compound"] for c in completions]
-    return {"positive_fraction": sum(s > 0.05 for s in scores) / max(1, len(scores))}
+    scores = Sentiment()([], completions, fields)
+    return {"positive_fraction": (scores > 0.05).float().mean().item() if len(completions) else 0.0}
