@@ -50,6 +50,7 @@ def test_round_trip_through_dict():
     (GOOD.replace("batch_size: 8", "batch_size: eight"), "rollout.batch_size", 6, "expected an integer"),
     (GOOD.replace("lr: 1e-5", "lr: -0.1"), "ppo.lr", 8, "must be > 0"),
     (GOOD + "  clip_range: 0\n", "ppo.clip_range", 10, "must be > 0"),
+    (GOOD + "  value_lr: -1e-3\n", "ppo.value_lr", 10, "must be > 0"),
     (GOOD.replace("batch_size: 8", "batch_size: 9"), "ppo.num_minibatches", 9, "divisible"),
     (GOOD + "  kl_estimator: k2\n", "ppo.kl_estimator", 10, "one of k1, k3"),
     (GOOD + "  gamma: 1.5\n", "ppo.gamma", 10, "in [0, 1]"),

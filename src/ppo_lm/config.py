@@ -141,6 +141,10 @@ class PPOConfig:
     gradient_accumulation_steps: int = 1
     #: Learning rate (AdamW).
     lr: float = 1e-5
+    #: Learning rate of the value side: the value head, and the separate critic when model.critic is set
+    #: (null = ppo.lr). A value head on the policy's trunk is one linear layer; at the policy's small lr its
+    #: estimates lag the returns (low explained_variance), and 10-30x ppo.lr lets it keep up.
+    value_lr: float | None = None
     #: Learning-rate schedule over all optimiser steps: constant, linear or cosine.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     #: Linear warm-up steps.
@@ -644,7 +648,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
             fail("task", tasks.unknown(cfg.task))
     for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
                        ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
-                       ("ppo.lr", cfg.ppo.lr), ("ppo.clip_range", cfg.ppo.clip_range),
+                       ("ppo.lr", cfg.ppo.lr), ("ppo.value_lr", cfg.ppo.value_lr), ("ppo.clip_range", cfg.ppo.clip_range),
                        ("ppo.clip_range_value", cfg.ppo.clip_range_value), ("ppo.adam_eps", cfg.ppo.adam_eps),
                        ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl_target", cfg.ppo.kl_target),
                        ("ppo.kl_horizon", cfg.ppo.kl_horizon), ("ppo.target_kl", cfg.ppo.target_kl),

@@ -230,6 +230,17 @@ def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def parameter_groups(policy: PolicyWithValue, lr: float, value_lr: float | None) -> list[dict]:
+    """Optimiser parameter groups: the policy's trainable weights at ``lr``; the value head (and separate
+    critic) at ``value_lr``, or in the same group when it is None."""
+    if value_lr is None:
+        return [{"params": trainable_parameters(policy), "lr": lr}]
+    value_side = [*policy.value_head.parameters(), *(policy.critic.parameters() if policy.critic is not None else ())]
+    ids = {id(p) for p in value_side}
+    return [{"params": [p for p in trainable_parameters(policy) if id(p) not in ids], "lr": lr},
+            {"params": [p for p in value_side if p.requires_grad], "lr": value_lr}]
+
+
 def save_policy(policy: PolicyWithValue, tokenizer, out_dir: str | Path) -> None:
     """Write the policy so that plain ``transformers`` loads it: LoRA adapters are merged into the weights;
     safetensors; tokenizer beside it; the value head as ``value_head.safetensors``."""

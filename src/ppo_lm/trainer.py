@@ -35,7 +35,7 @@ from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_recor
 from . import checkpoint as ckpt
 from .errors import RewardError, TrainingDiverged, UserError
 from .evaluate import distinct_n
-from .models import PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, save_policy, trainable_parameters
+from .models import PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, parameter_groups, save_policy, trainable_parameters
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
 from .tracking import MetricsLog, PhaseTimer, plot_metrics
@@ -318,8 +318,8 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     policy = load_policy(cfg.model, notice=warn)
     ref = make_reference(policy)
     # fused AdamW: one kernel over all parameters instead of a loop (CPU and CUDA since torch 2.4)
-    optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=cfg.ppo.lr, eps=cfg.ppo.adam_eps,
-                                  weight_decay=cfg.ppo.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(parameter_groups(policy, cfg.ppo.lr, cfg.ppo.value_lr), lr=cfg.ppo.lr,
+                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay, fused=True)
     total_steps = cfg.train.iterations * cfg.ppo.epochs * cfg.ppo.num_minibatches
     scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
                               num_training_steps=total_steps)
