@@ -8,6 +8,14 @@ TRL_PEER_VENV is a virtual environment with trl==1.12.0 installed (see ../shared
 Without it the script says so and exits 0. The peer's scaffolding is read from ../shared/peers/trl_ppo
 (or PEER_DIR). Each run is a separate process, so peak RSS is per run. Results go to --out as JSON, with a
 plot of seconds per phase beside it.
+
+The peer's script runs TRL in fp32 (``bf16=False``, although PPOConfig defaults to ``bf16=True``).
+``--peer-bf16`` also runs it with ``bf16=True``, from a copy of the script that changes only that line, so that
+ppo-lm's bf16 rows can be set against TRL's own bf16.
+
+Besides the measured ratios, each row has ``flop_ratio``: the matmul FLOPs TRL's PPOTrainer spends on one iteration
+over ppo-lm's (``bench.peer_flops`` / ``bench.model_flops``). It is the speed-up either tool would get from doing
+less work at the same FLOP/s, so ``speedup / flop_ratio`` is how much more work per second ppo-lm gets done.
 """
 
 from __future__ import annotations
@@ -16,13 +24,16 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {"fp32": [], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"], "lora-bf16": ["--lora", "--mixed-precision", "bf16"],
-         "critic": ["--critic"], "critic-bf16": ["--critic", "--mixed-precision", "bf16"]}
+         "critic": ["--critic"], "critic-bf16": ["--critic", "--mixed-precision", "bf16"],
+         "lora-gc": ["--lora", "--gradient-checkpointing"]}
 
 
 def last_json(text: str) -> dict:
@@ -41,6 +52,18 @@ def run(cmd: list[str], cwd: Path | None = None) -> dict:
     return last_json(proc.stdout)
 
 
+def peer_bf16(cmd: list[str], peer_dir: Path) -> dict:
+    """The peer's benchmark with ``bf16=True``: a copy of its folder whose script differs in that one line."""
+    with tempfile.TemporaryDirectory(prefix="trl-peer-bf16-") as tmp:
+        shutil.copytree(peer_dir, tmp, dirs_exist_ok=True)
+        script = Path(tmp, "bench_trl_ppo.py")
+        text = script.read_text()
+        if text.count("bf16=False,") != 1:
+            raise RuntimeError(f"cannot switch the peer to bf16: expected one 'bf16=False,' in {script}")
+        script.write_text(text.replace("bf16=False,", "bf16=True,"))
+        return run(cmd, cwd=Path(tmp))
+
+
 def plot(results: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -50,11 +73,13 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results):
         names, rollout, train, other = [], [], [], []
-        t = res["trl"]
-        names.append("TRL fp32")
-        rollout.append(t["rollout_sec_median"])
-        train.append(t["optim_sec_median"])
-        other.append(0.0)
+        for key, name in (("trl", "TRL fp32"), ("trl_bf16", "TRL bf16")):
+            t = res.get(key)
+            if t:
+                names.append(name)
+                rollout.append(t["rollout_sec_median"])
+                train.append(t["optim_sec_median"])
+                other.append(0.0)
         for mode, ours in res["ppo_lm"].items():
             names.append(f"ppo-lm {mode}")
             rollout.append(ours["rollout_s"])
@@ -76,6 +101,7 @@ def main() -> int:
     ap.add_argument("--modes", nargs="+", default=["fp32", "bf16", "lora"], choices=list(MODES))
     ap.add_argument("--trl-iters", type=int, default=None, help="default: 5 for tiny, 3 for small (as results.md)")
     ap.add_argument("--iters", type=int, default=None, help="ppo-lm iterations; default: same as TRL")
+    ap.add_argument("--peer-bf16", action="store_true", help="also run TRL with bf16=True (its PPOConfig default)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "bench-compare.json"))
     a = ap.parse_args()
 
@@ -95,17 +121,25 @@ def main() -> int:
         if not (models / size / "policy").exists():
             subprocess.run([str(peer_python), "make_models.py", str(models), "--size", size], cwd=peer_dir, check=True)
         trl_iters = a.trl_iters or (5 if size == "tiny" else 3)
-        trl = run([str(peer_python), "bench_trl_ppo.py", "--models", str(models), "--size", size,
-                   "--iters", str(trl_iters)], cwd=peer_dir)
+        trl_cmd = [str(peer_python), "bench_trl_ppo.py", "--models", str(models), "--size", size, "--iters", str(trl_iters)]
+        trl = run(trl_cmd, cwd=peer_dir)
+        trl_bf16 = peer_bf16(trl_cmd, peer_dir) if a.peer_bf16 else None
         ours = {}
         for mode in a.modes:
             ours[mode] = run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size,
                               "--iterations", str(a.iters or trl_iters), *MODES[mode]])
-        ratios = {mode: {"speedup_vs_trl": round(trl["sec_per_iter_median"] / o["seconds_per_iteration"], 2),
-                         "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3)}
-                  for mode, o in ours.items()}
-        results.append({"size": size, "trl": trl, "ppo_lm": ours, "ratios": ratios})
+        ratios = {}
+        for mode, o in ours.items():
+            speedup = trl["sec_per_iter_median"] / o["seconds_per_iteration"]
+            flop_ratio = o["trl_iteration_tflops"] / o["iteration_tflops"]
+            ratios[mode] = {"speedup_vs_trl": round(speedup, 2),
+                            "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3),
+                            "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
+            if trl_bf16:
+                ratios[mode]["speedup_vs_trl_bf16"] = round(trl_bf16["sec_per_iter_median"] / o["seconds_per_iteration"], 2)
+        results.append({"size": size, "trl": trl, "trl_bf16": trl_bf16, "ppo_lm": ours, "ratios": ratios})
         print(json.dumps({"size": size, "trl_s_per_iter": trl["sec_per_iter_median"],
+                          "trl_bf16_s_per_iter": trl_bf16 and trl_bf16["sec_per_iter_median"],
                           "trl_peak_rss_mib": trl["peak_rss_mib"],
                           **{f"{m}_{k}": v for m, r in ratios.items() for k, v in r.items()}}), flush=True)
     out = Path(a.out)

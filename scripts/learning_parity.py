@@ -85,6 +85,8 @@ def main() -> int:
     ap.add_argument("--pretrained", help="a pretrained causal LM folder to use as the policy (reward: sentiment)")
     ap.add_argument("--stories", help="with --pretrained: TinyStories jsonl to cut the prompts from")
     ap.add_argument("--kl-coef", type=float, default=0.05)
+    ap.add_argument("--value-lr", type=float, default=None,
+                    help="ppo-lm's ppo.value_lr (learning rate of the value head / critic; default: --lr)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="only plot these earlier runs in one figure (--out .png)")
     a = ap.parse_args()
@@ -138,6 +140,7 @@ def main() -> int:
         cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
         d = cfg.to_dict()
         d["ppo"]["lr"], d["ppo"]["kl_coef"], d["train"]["seed"] = a.lr, a.kl_coef, a.seed
+        d["ppo"]["value_lr"] = a.value_lr
         if a.critic:
             d["model"]["critic"] = "policy"
         d["reward"] = {"sources": [{"type": "sentiment"}]}  # VADER; the count task passes reward_fn instead
@@ -152,6 +155,7 @@ def main() -> int:
                "mixed_precision": a.mixed_precision,
                "task": f"{Path(a.pretrained).resolve().parent.name if Path(a.pretrained).name == 'hf' else Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
+               "ppo_lm_value_lr": a.value_lr,
                "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
                "trl_last5_mean": tail(trl), "ppo_lm_last5_mean": tail(ours)}
@@ -167,7 +171,8 @@ def main() -> int:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
     ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
-            label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision})")
+            label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision}"
+                  f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''})")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("mean reward of the batch")
     ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")

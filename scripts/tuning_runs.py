@@ -31,6 +31,8 @@ SCENARIOS = {
     ]),
     "critic": ("examples/qa/ppo.yaml", ["reward_mean", "kl", "value_loss", "explained_variance"], [
         ("value head on the policy trunk", "qa_shared_trunk", ["model.critic=null", "train.iterations=40"]),
+        ("the same, value_lr 30x lr", "qa_shared_value_lr", ["model.critic=null", "ppo.value_lr=3e-3",
+                                                             "train.iterations=40"]),
         ("separate critic (example)", "qa_example", ["train.iterations=40"]),
     ]),
 }

@@ -1,7 +1,7 @@
 import torch
 
 from ppo_lm import toy
-from ppo_lm.bench import model_flops, synthetic_prompts
+from ppo_lm.bench import model_flops, peer_flops, synthetic_prompts
 
 
 def test_model_flops_by_hand():
@@ -15,13 +15,20 @@ def test_model_flops_by_hand():
     fwd = (2 * n + 4 * 1 * seq * 8) * seq + 2 * 8 * 13 * new
     gen = sum(2 * n + 4 * 1 * (prompt + t) * 8 + 2 * 8 * 13 for t in range(new))
     flops = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1)
-    assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + 2 * fwd)}
-    assert flops["train"] == 61824 and flops["rollout"] == 53696
-    # a separate critic adds one trunk pass (no LM head) per sequence: (2n + 4 L S d) S = (1776 + 160) * 5 = 9680
+    # the reward model is taken to have the policy's trunk: one trunk pass per sequence
     trunk = (2 * n + 4 * 1 * seq * 8) * seq
     assert trunk == 9680
+    assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + 2 * fwd), "score": 2 * trunk}
+    assert flops["train"] == 61824 and flops["rollout"] == 53696 and gen == 6240
+    # a separate critic adds one trunk pass (no LM head) per sequence: (2n + 4 L S d) S = (1776 + 160) * 5 = 9680
     with_critic = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1, critic=True)
-    assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + 2 * fwd + trunk)}
+    assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + 2 * fwd + trunk), "score": 2 * trunk}
+    # TRL's PPOTrainer: LM head on all 5 positions (2*8*13*5 = 1040), a value-model trunk in training; rollout =
+    # generation + reference forward + value and reward trunks
+    full = trunk + 1040
+    trl = peer_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1)
+    assert trl == {"train": 3 * (full + trunk) * 2, "rollout": 2 * (gen + full + 2 * trunk)}
+    assert trl == {"train": 122400, "rollout": 72640}
 
 
 def test_bench_prompts_match_the_peer_recipe():

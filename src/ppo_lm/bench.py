@@ -78,12 +78,12 @@ def build_models(root: str, size: str) -> None:
 
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
-                 dtype: str = "float32", critic: bool = False):
+                 dtype: str = "float32", critic: bool = False, gradient_checkpointing: bool = False):
     from .config import config_from_dict
 
     return config_from_dict({
         "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype,
-                  "critic": "policy" if critic else None},
+                  "critic": "policy" if critic else None, "gradient_checkpointing": gradient_checkpointing},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
@@ -113,17 +113,13 @@ def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 
     return best
 
 
-def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False) -> dict:
-    """Matmul FLOPs of one PPO iteration, counted from the shapes (the usual 2 FLOPs per multiply-add,
-    backward = 2 x forward):
+def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
+    """Matmul FLOPs of the pieces one sequence goes through (2 FLOPs per multiply-add):
 
-    * per token through the trunk: 2 N (N = parameters outside the embeddings) + 4 L S d (attention scores
-      and their weighted sum over a context of S tokens);
-    * per response token through the LM head: 2 d V (the prompt's logits are never computed);
-    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation of each new token
-      (context grows) plus the policy and reference forwards over the full sequences;
-    * ``critic``: a separate critic trunk of the same shape adds one trunk pass (no LM head) per sequence to
-      the rollout and ``epochs`` x (forward + backward) to training.
+    * ``trunk``: a forward of the whole sequence through the transformer: 2 N per token (N = parameters outside
+      the embeddings) + 4 L S d for the attention scores and their weighted sum over a context of S tokens;
+    * ``head(n)``: the LM head on n positions, 2 d V each;
+    * ``generate``: sampling the response one token at a time with a KV cache (the context grows).
     """
     cfg = lm.config
     d = cfg.hidden_size
@@ -134,10 +130,40 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
     if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
         n_trunk -= lm.get_output_embeddings().weight.numel()
     seq = prompt_len + new_tokens
-    fwd_seq = (2 * n_trunk + 4 * layers * seq * d) * seq + 2 * d * vocab * new_tokens
-    generate = sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens))
-    trunk_seq = (2 * n_trunk + 4 * layers * seq * d) * seq if critic else 0
-    return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs, "rollout": batch * (generate + 2 * fwd_seq + trunk_seq)}
+    return {"trunk": (2 * n_trunk + 4 * layers * seq * d) * seq, "head": lambda n: 2 * d * vocab * n,
+            "generate": sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens)),
+            "seq": seq}
+
+
+def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False) -> dict:
+    """Matmul FLOPs of one ppo-lm PPO iteration, counted from the shapes (backward = 2 x forward):
+
+    * the LM head runs only on the response positions (the prompt's logits are never computed);
+    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation plus the policy and
+      reference forwards over the full sequences; score: the reward model, taken to have the policy's trunk
+      (as in the benchmark);
+    * ``critic``: a separate critic trunk of the same shape adds one trunk pass per sequence to the rollout and
+      ``epochs`` x (forward + backward) to training.
+    """
+    f = _shape_flops(lm, prompt_len, new_tokens)
+    fwd_seq = f["trunk"] + f["head"](new_tokens)
+    trunk_seq = f["trunk"] if critic else 0
+    return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs,
+            "rollout": batch * (f["generate"] + 2 * fwd_seq + trunk_seq), "score": batch * f["trunk"]}
+
+
+def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
+    """The same count for TRL 1.12.0's PPOTrainer on the same configuration, from how it computes:
+
+    * its forwards take the logits of every position (the LM head runs on the prompt too);
+    * rollout: generation (the old logprobs come from the generation logits), the reference forward, and one
+      trunk pass each of the separate value model and the reward model;
+    * training: ``epochs`` x (forward + backward) of the policy and of the value model (a second trunk).
+    """
+    f = _shape_flops(lm, prompt_len, new_tokens)
+    full = f["trunk"] + f["head"](f["seq"])
+    return {"train": 3 * (full + f["trunk"]) * batch * epochs,
+            "rollout": batch * (f["generate"] + full + 2 * f["trunk"])}
 
 
 def peak_rss_mib() -> float:
@@ -145,7 +171,7 @@ def peak_rss_mib() -> float:
 
 
 def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no",
-        critic: bool = False) -> dict:
+        critic: bool = False, gradient_checkpointing: bool = False) -> dict:
     from .trainer import train
 
     iterations = max(2, iterations)
@@ -159,17 +185,20 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         if proc.exitcode != 0:
             raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
-                           dtype="bfloat16" if size == "qwen0.5b" else "float32", critic=critic)
+                           dtype="bfloat16" if size == "qwen0.5b" else "float32", critic=critic,
+                           gradient_checkpointing=gradient_checkpointing)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
         base = result.policy.lm.get_base_model() if lora else result.policy.lm
         flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic)
+        peer = peer_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
     rows = result.metrics[1:]  # iteration 1 is warm-up
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
     out = {
         "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
+        "gradient_checkpointing": gradient_checkpointing,
         "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
         "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),
@@ -184,6 +213,9 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "train_mfu_vs_fp32_peak": round(flops["train"] / med("time_train_s") / peaks["fp32"], 3),
         "train_mfu_vs_bf16_peak": round(flops["train"] / med("time_train_s") / peaks["bf16"], 3),
         "rollout_gflops_per_s": round(flops["rollout"] / med("time_rollout_s") / 1e9, 1),
+        "iteration_tflops": round(sum(flops.values()) / 1e12, 3),
+        # what TRL's PPOTrainer computes for the same iteration: the speed-up a tool can get at equal FLOP/s
+        "trl_iteration_tflops": round(sum(peer.values()) / 1e12, 3),
         "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),

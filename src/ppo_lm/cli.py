@@ -152,7 +152,7 @@ def cmd_bench(args) -> int:
     from . import bench
 
     bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision,
-              critic=args.critic)
+              critic=args.critic, gradient_checkpointing=args.gradient_checkpointing)
     return 0
 
 
@@ -226,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     b.add_argument("--critic", action="store_true",
                    help="a separate critic started from the policy's weights (like TRL's value model)")
+    b.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward pass (less memory, more time)")
     b.set_defaults(func=cmd_bench)
     return p
 
