@@ -88,6 +88,9 @@ def main() -> int:
     ap.add_argument("--value-lr", type=float, default=None,
                     help="ppo-lm's ppo.value_lr (learning rate of the value head / critic; default: --lr)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
+    ap.add_argument("--trl-from", metavar="JSON",
+                    help="reuse TRL's curve from an earlier run's JSON with the same task, seed, lr, kl_coef and "
+                         "iterations instead of running TRL again (a ppo-lm change does not change TRL's side)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="only plot these earlier runs in one figure (--out .png)")
     a = ap.parse_args()
     if a.combine:
@@ -95,7 +98,13 @@ def main() -> int:
     if a.pretrained and not a.stories:
         ap.error("--pretrained needs --stories (a TinyStories jsonl to cut the prompts from)")
     venv = os.environ.get("TRL_PEER_VENV")
-    if not venv or not Path(venv, "bin", "python").exists():
+    earlier = json.loads(Path(a.trl_from).read_text()) if a.trl_from else None
+    if earlier is not None:
+        want = {"iterations": a.iters, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed}
+        differ = [k for k, v in want.items() if earlier.get(k) != v]
+        if differ or bool(a.pretrained) != ("VADER" in earlier.get("task", "")):
+            ap.error(f"--trl-from {a.trl_from}: that run differs in {', '.join(differ) or 'task'}")
+    elif not venv or not Path(venv, "bin", "python").exists():
         print("learning-parity skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0")
         return 0
 
@@ -127,15 +136,18 @@ def main() -> int:
             prompts = synthetic_prompts()
             task = ["--target-below", str(BELOW)]
         (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
-        cmd = [str(Path(venv, "bin", "python")), str(ROOT / "scripts" / "parity_trl.py"), "--models", tmp,
-               "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
-               "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
-        print("$", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:])
-            return 1
-        trl = json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
+        if earlier is not None:
+            trl = earlier["trl_reward"]
+        else:
+            cmd = [str(Path(venv, "bin", "python")), str(ROOT / "scripts" / "parity_trl.py"), "--models", tmp,
+                   "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
+                   "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
+            print("$", " ".join(cmd), flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:])
+                return 1
+            trl = json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
 
         cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
         d = cfg.to_dict()
@@ -156,7 +168,7 @@ def main() -> int:
                "task": f"{Path(a.pretrained).resolve().parent.name if Path(a.pretrained).name == 'hf' else Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
                "ppo_lm_value_lr": a.value_lr,
-               "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
+               "trl_from": a.trl_from, "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
                "trl_last5_mean": tail(trl), "ppo_lm_last5_mean": tail(ours)}
     out = Path(a.out)

@@ -79,3 +79,41 @@ def test_first_update_step_sees_ratio_one(tiny_model_dir, tmp_path):
     m = b["response_mask"]
     assert_close(logp * m, b["old_logprobs"], atol=1e-5, rtol=1e-5)
     assert_close(values * m, b["old_values"], atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_cdf_sampler_draws_from_the_softmax():
+    from ppo_lm.rollout import InverseCDFSampler
+
+    probs = torch.tensor([0.2, 0.5, 0.3, 0.0])
+    scores = probs.log().expand(40000, 4).clone()  # log 0 = -inf: a token that must never be drawn
+    torch.manual_seed(0)
+    out = InverseCDFSampler()(None, scores)
+    assert torch.isfinite(out).sum(-1).eq(1).all()  # exactly one token left per row ...
+    token = out.argmax(-1)
+    assert out.gather(-1, token[:, None]).eq(0).all()  # ... with score 0, so greedy decoding picks it
+    freq = torch.bincount(token, minlength=4).float() / len(token)
+    # standard error of a frequency near 0.5 over 40000 draws is 0.0025: 0.01 is four of them
+    assert_close(freq, probs, atol=0.01, rtol=0)
+    assert freq[3] == 0
+
+
+def test_sampling_settings_become_transformers_warpers_then_the_sampler():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from ppo_lm.config import RolloutConfig
+    from ppo_lm.rollout import InverseCDFSampler, generation_config
+
+    class Tok:
+        eos_token_id, pad_token_id, bos_token_id = 2, 0, 1
+
+    config, processors = generation_config(Tok, RolloutConfig(temperature=0.7, top_k=5, top_p=0.9))
+    assert config.do_sample is False and config.eos_token_id == 2  # greedy over the sampler's one finite token
+    assert [type(p) for p in processors] == [TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                                             InverseCDFSampler]
+    _, plain = generation_config(Tok, RolloutConfig(temperature=1.0, top_k=0, top_p=1.0))
+    assert [type(p) for p in plain] == [InverseCDFSampler]
+    _, greedy = generation_config(Tok, RolloutConfig(temperature=0.7, top_k=5), greedy=True)
+    assert len(greedy) == 0
+    # top-k 1 leaves one token: the sampler must return it whatever the uniform draw
+    warped = TopKLogitsWarper(1)(None, torch.tensor([[0.1, 3.0, 0.2]]))
+    assert InverseCDFSampler()(None, warped).argmax(-1).item() == 1

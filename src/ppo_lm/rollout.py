@@ -42,27 +42,59 @@ def response_mask_from_ids(response_ids: Tensor, eos_id: int | None) -> tuple[Te
     return ~after_eos, is_eos.any(-1)
 
 
+class InverseCDFSampler:
+    """Draws the next token of each row from the softmax of its (already warped) scores by inverse transform
+    sampling: one uniform number per row against the cumulative probabilities. It then leaves only that token
+    finite, so greedy decoding returns it.
+
+    The distribution is the one ``torch.multinomial`` samples from, but multinomial draws an exponential variate
+    for every vocabulary entry. On CPU that was half of all generation time here (7 ms per step for 64 rows of
+    8192), against well under a millisecond for a cumulative sum and a binary search.
+    """
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        cdf = probs.cumsum(-1)
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        # right=True: the first index whose cumulative probability exceeds u, never a zero-probability token
+        token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, token, 0.0)
+
+
 def generation_config(tokenizer, cfg, *, greedy: bool = False):
-    """Sampling settings of the RolloutConfig ``cfg``; ``greedy`` (evaluation only) takes the argmax instead."""
-    from transformers import GenerationConfig
+    """Generation settings of the RolloutConfig ``cfg``: ``(GenerationConfig, logits processors)``. Sampling runs
+    as greedy decoding over scores warped by transformers' own temperature / top-k / top-p warpers and then
+    sampled by :class:`InverseCDFSampler`; ``greedy`` (evaluation only) takes the argmax of the raw scores."""
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     eos = tokenizer.eos_token_id if cfg.stop_at_eos else None
-    sampling = {} if greedy else {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p}
-    return GenerationConfig(
-        do_sample=not greedy, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, use_cache=True, **sampling,
-    )
+    config = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
+    processors = LogitsProcessorList()
+    if not greedy:
+        if cfg.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k:
+            processors.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            processors.append(TopPLogitsWarper(cfg.top_p))
+        processors.append(InverseCDFSampler())
+    return config, processors
 
 
 @torch.no_grad()
 def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, chunk: int | None) -> Tensor:
-    """Sample responses ``[B, T]`` (right-padded with pad) for left-padded prompts, ``chunk`` prompts at a time."""
-    pad = gen_config.pad_token_id
+    """Sample responses ``[B, T]`` (right-padded with pad) for left-padded prompts, ``chunk`` prompts at a time;
+    ``gen_config`` is what :func:`generation_config` returns."""
+    config, processors = gen_config
+    pad = config.pad_token_id
     chunk = chunk or prompt_ids.shape[0]
     pieces = []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
-        out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=gen_config)
+        out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config,
+                          logits_processor=processors)
         pieces.append(out[:, ids.shape[1]:])
     width = max(p.shape[1] for p in pieces)
     return torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
