@@ -26,7 +26,7 @@ SCENARIOS = {
         ("lr 1e-4, kl_coef 0.2 (example)", "tg_example", []),
     ]),
     "collapse": ("examples/sentiment_analysis/ppo.yaml", ["reward_mean", "entropy", "clipfrac", "kl"], [
-        ("lr 1e-3, kl_coef 0.02", "sa_lr1e-3", ["ppo.lr=1e-3", "ppo.kl_coef=0.02", "train.iterations=40"]),
+        ("lr 3e-3, kl_coef 0.02", "sa_lr3e-3", ["ppo.lr=3e-3", "ppo.kl_coef=0.02", "train.iterations=40"]),
         ("lr 2e-4 (example)", "sa_example", ["train.iterations=40"]),
     ]),
     "critic": ("examples/qa/ppo.yaml", ["reward_mean", "kl", "value_loss", "explained_variance"], [

@@ -117,3 +117,22 @@ def test_sampling_settings_become_transformers_warpers_then_the_sampler():
     # top-k 1 leaves one token: the sampler must return it whatever the uniform draw
     warped = TopKLogitsWarper(1)(None, torch.tensor([[0.1, 3.0, 0.2]]))
     assert InverseCDFSampler()(None, warped).argmax(-1).item() == 1
+
+
+def test_the_models_own_generation_defaults_do_not_change_sampling(tiny_model_dir):
+    """A checkpoint that ships do_sample/top_k=1 defaults must not turn rollouts greedy: the config decides."""
+    from transformers import AutoModelForCausalLM
+
+    from ppo_lm.config import RolloutConfig
+    from ppo_lm.rollout import generation_config, sample
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm.generation_config.do_sample, lm.generation_config.top_k, lm.generation_config.temperature = True, 1, 0.3
+    tok = load_tokenizer(str(tiny_model_dir))
+    gen = generation_config(tok, RolloutConfig(max_new_tokens=8, stop_at_eos=False, top_k=0, top_p=1.0))
+    ids, mask = left_pad([[5, 6]] * 4, tok.pad_token_id)
+    outs = set()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        outs.add(tuple(sample(lm, ids, mask, gen, None)[0].tolist()))
+    assert len(outs) > 1  # with top_k 1 every seed would give the same response

@@ -648,7 +648,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
             fail("task", tasks.unknown(cfg.task))
     for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
                        ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
-                       ("ppo.lr", cfg.ppo.lr), ("ppo.value_lr", cfg.ppo.value_lr), ("ppo.clip_range", cfg.ppo.clip_range),
+                       ("ppo.lr", cfg.ppo.lr), ("ppo.value_lr", cfg.ppo.value_lr),
+                       ("ppo.clip_range", cfg.ppo.clip_range),
                        ("ppo.clip_range_value", cfg.ppo.clip_range_value), ("ppo.adam_eps", cfg.ppo.adam_eps),
                        ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl_target", cfg.ppo.kl_target),
                        ("ppo.kl_horizon", cfg.ppo.kl_horizon), ("ppo.target_kl", cfg.ppo.target_kl),

@@ -1,7 +1,8 @@
 """Step 1 of an iteration: sample responses with the current policy, then compute, in batched forward passes,
 the quantities PPO needs of them: old logprobs, values, and reference logprobs.
 
-Sampling uses ``transformers``' ``generate`` (KV cache, top-k/top-p/temperature) on left-padded prompts.
+Sampling uses ``transformers``' ``generate`` (KV cache; its temperature/top-k/top-p warpers) on left-padded
+prompts, with the next token drawn by :class:`InverseCDFSampler`.
 Logprobs are recomputed with one teacher-forced forward at the *sampling temperature*, the same function the
 loss later evaluates, so the first PPO step sees a ratio of exactly 1 and no stale numerics from the cache.
 """
@@ -66,7 +67,8 @@ def generation_config(tokenizer, cfg, *, greedy: bool = False):
     """Generation settings of the RolloutConfig ``cfg``: ``(GenerationConfig, logits processors)``. Sampling runs
     as greedy decoding over scores warped by transformers' own temperature / top-k / top-p warpers and then
     sampled by :class:`InverseCDFSampler`; ``greedy`` (evaluation only) takes the argmax of the raw scores."""
-    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                              TopPLogitsWarper)
 
     eos = tokenizer.eos_token_id if cfg.stop_at_eos else None
     config = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,

@@ -36,7 +36,8 @@ from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_recor
 from . import checkpoint as ckpt
 from .errors import RewardError, TrainingDiverged, UserError
 from .evaluate import distinct_n
-from .models import PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, parameter_groups, save_policy, trainable_parameters
+from .models import (PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, parameter_groups,
+                     save_policy, trainable_parameters)
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
 from .tracking import MetricsLog, PhaseTimer, plot_metrics
