@@ -50,6 +50,12 @@ def story_prompts(model_dir: str, stories: str, n: int = 256, length: int = 10) 
     return out
 
 
+def model_name(folder: str) -> str:
+    """stories260K for ../shared/assets/stories260K/hf: the folder's name, or its parent's for an ``hf`` folder."""
+    path = Path(folder).resolve()
+    return path.parent.name if path.name == "hf" else path.name
+
+
 def combine(files: list[str], out: Path) -> int:
     """One figure with both libraries' curves of several runs (one colour per library, one line per run)."""
     import matplotlib
@@ -165,7 +171,7 @@ def main() -> int:
 
     summary = {"iterations": a.iters, "lr": a.lr, "kl_coef": a.kl_coef, "seed": a.seed,
                "mixed_precision": a.mixed_precision,
-               "task": f"{Path(a.pretrained).resolve().parent.name if Path(a.pretrained).name == 'hf' else Path(a.pretrained).name}, VADER sentiment" if a.pretrained else "random-init tiny, count",
+               "task": f"{model_name(a.pretrained)}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
                "ppo_lm_value_lr": a.value_lr,
                "trl_from": a.trl_from, "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],

@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ppo_lm.tracking import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "ppo_lm.cli"]
 
@@ -55,10 +57,6 @@ def ensure_start(task: str, has_sft: bool) -> list[str]:
     if not (final / "config.json").exists():
         sh([*CLI, "sft", f"examples/{task}/sft.yaml", f"train.output_dir={final.parent}"])
     return [f"model.name_or_path={final.relative_to(ROOT)}"]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def main() -> int:

@@ -118,7 +118,7 @@ def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
 
     * ``trunk``: a forward of the whole sequence through the transformer: 2 N per token (N = parameters outside
       the embeddings) + 4 L S d for the attention scores and their weighted sum over a context of S tokens;
-    * ``head(n)``: the LM head on n positions, 2 d V each;
+    * ``head``: the LM head on one position, 2 d V;
     * ``generate``: sampling the response one token at a time with a KV cache (the context grows).
     """
     cfg = lm.config
@@ -130,7 +130,7 @@ def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
     if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
         n_trunk -= lm.get_output_embeddings().weight.numel()
     seq = prompt_len + new_tokens
-    return {"trunk": (2 * n_trunk + 4 * layers * seq * d) * seq, "head": lambda n: 2 * d * vocab * n,
+    return {"trunk": (2 * n_trunk + 4 * layers * seq * d) * seq, "head": 2 * d * vocab,
             "generate": sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens)),
             "seq": seq}
 
@@ -146,7 +146,7 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
       ``epochs`` x (forward + backward) to training.
     """
     f = _shape_flops(lm, prompt_len, new_tokens)
-    fwd_seq = f["trunk"] + f["head"](new_tokens)
+    fwd_seq = f["trunk"] + f["head"] * new_tokens
     trunk_seq = f["trunk"] if critic else 0
     return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs,
             "rollout": batch * (f["generate"] + 2 * fwd_seq + trunk_seq), "score": batch * f["trunk"]}
@@ -161,7 +161,7 @@ def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int)
     * training: ``epochs`` x (forward + backward) of the policy and of the value model (a second trunk).
     """
     f = _shape_flops(lm, prompt_len, new_tokens)
-    full = f["trunk"] + f["head"](f["seq"])
+    full = f["trunk"] + f["head"] * f["seq"]
     return {"train": 3 * (full + f["trunk"]) * batch * epochs,
             "rollout": batch * (f["generate"] + full + 2 * f["trunk"])}
 

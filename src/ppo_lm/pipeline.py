@@ -137,6 +137,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from rich.console import Console
 
     from . import evaluate, reward_model, sft
+    from .tracking import read_metrics
     from .trainer import train
 
     console = console or Console(stderr=True, soft_wrap=True)
@@ -183,7 +184,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
             summary["ppo"] = {"interrupted": True, "checkpoint": str(result.checkpoint)}
             return summary
         timed("ppo")
-    rows = [json.loads(line) for line in (root / "ppo" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(root / "ppo")
     summary["ppo"] = {"iterations": len(rows), "reward_first": rows[0]["reward_mean"] if rows else None,
                       "reward_last": rows[-1]["reward_mean"] if rows else None, "kl_last": rows[-1]["kl"] if rows else None}
     console.print(rf"\[eval] before/after on {stages['eval'].data.path}")

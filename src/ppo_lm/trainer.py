@@ -40,7 +40,7 @@ from .models import (PolicyWithValue, load_config_checked, load_policy, load_tok
                      save_policy, trainable_parameters)
 from .rewards import RunningMoments, WeightedSum, build_reward
 from .rollout import collect
-from .tracking import MetricsLog, PhaseTimer, plot_metrics
+from .tracking import MetricsLog, PhaseTimer, plot_metrics, read_metrics
 from .types import Rollout, ScoredRollout
 
 
@@ -472,8 +472,7 @@ def _restore(found: ckpt.Checkpoint, policy, optimizer, scheduler, state: TrainS
     if metrics_path.exists():
         import json
 
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r.get("iteration", 0) <= state.iteration]
+        rows = [r for r in read_metrics(metrics_path) if r.get("iteration", 0) <= state.iteration]
         tmp = metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         tmp.replace(metrics_path)
