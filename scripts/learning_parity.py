@@ -56,16 +56,33 @@ def model_name(folder: str) -> str:
     return path.parent.name if path.name == "hf" else path.name
 
 
+def compare(trl: list[float], ours: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
+    """Both libraries' final rewards over runs (one number per run): mean and sample standard deviation of
+    each side, and ppo-lm's mean minus TRL's with a 95% bootstrap interval (each side resampled on its own,
+    since the two libraries' runs with one seed share no random draws)."""
+    import numpy as np
+
+    a, b = np.asarray(trl, dtype=float), np.asarray(ours, dtype=float)
+    rng = np.random.default_rng(seed)
+    diffs = (rng.choice(b, (resamples, len(b))).mean(1) - rng.choice(a, (resamples, len(a))).mean(1))
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    side = lambda x: {"n": len(x), "mean": round(float(x.mean()), 4),  # noqa: E731
+                      "sd": round(float(x.std(ddof=1)), 4) if len(x) > 1 else None}
+    return {"trl": side(a), "ppo_lm": side(b), "difference": round(float(b.mean() - a.mean()), 4),
+            "difference_95ci": [round(float(low), 4), round(float(high), 4)]}
+
+
 def combine(files: list[str], out: Path) -> int:
-    """One figure with both libraries' curves of several runs (one colour per library, one line per run)."""
+    """One figure with both libraries' curves of several runs (one colour per library, one line per run), and
+    the statistics of their final rewards (:func:`compare`) printed and written beside it as JSON."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [json.loads(Path(f).read_text()) for f in files]
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    for i, f in enumerate(files):
-        run = json.loads(Path(f).read_text())
+    for i, run in enumerate(runs):
         for key, colour, name in (("trl_reward", "tab:blue", "TRL 1.12.0"), ("ppo_lm_reward", "tab:orange", "ppo-lm")):
             xs = [64 * (k + 1) for k in range(len(run[key]))]
             ax.plot(xs, run[key], color=colour, alpha=0.8, lw=1.2, label=name if i == 0 else None)
@@ -76,7 +93,12 @@ def combine(files: list[str], out: Path) -> int:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    print(out)
+    stats = {"runs": [{"file": Path(f).name, "seed": r["seed"], "trl": r["trl_last5_mean"], "ppo_lm": r["ppo_lm_last5_mean"]}
+                      for f, r in zip(files, runs)],
+             **compare([r["trl_last5_mean"] for r in runs], [r["ppo_lm_last5_mean"] for r in runs])}
+    out.with_suffix(".json").write_text(json.dumps(stats, indent=1))
+    print(json.dumps({k: v for k, v in stats.items() if k != "runs"}))
+    print(out, out.with_suffix(".json"))
     return 0
 
 
@@ -93,6 +115,8 @@ def main() -> int:
     ap.add_argument("--kl-coef", type=float, default=0.05)
     ap.add_argument("--value-lr", type=float, default=None,
                     help="ppo-lm's ppo.value_lr (learning rate of the value head / critic; default: --lr)")
+    ap.add_argument("--vf-coef", type=float, default=0.1,
+                    help="ppo-lm's ppo.vf_coef (TRL keeps its 0.1: its value model is separate)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "learning_parity.json"))
     ap.add_argument("--trl-from", metavar="JSON",
                     help="reuse TRL's curve from an earlier run's JSON with the same task, seed, lr, kl_coef and "
@@ -158,7 +182,7 @@ def main() -> int:
         cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
         d = cfg.to_dict()
         d["ppo"]["lr"], d["ppo"]["kl_coef"], d["train"]["seed"] = a.lr, a.kl_coef, a.seed
-        d["ppo"]["value_lr"] = a.value_lr
+        d["ppo"]["value_lr"], d["ppo"]["vf_coef"] = a.value_lr, a.vf_coef
         if a.critic:
             d["model"]["critic"] = "policy"
         d["reward"] = {"sources": [{"type": "sentiment"}]}  # VADER; the count task passes reward_fn instead
@@ -173,7 +197,7 @@ def main() -> int:
                "mixed_precision": a.mixed_precision,
                "task": f"{model_name(a.pretrained)}, VADER sentiment" if a.pretrained else "random-init tiny, count",
                "ppo_lm_value": "separate critic" if a.critic else "value head on the policy trunk",
-               "ppo_lm_value_lr": a.value_lr,
+               "ppo_lm_value_lr": a.value_lr, "ppo_lm_vf_coef": a.vf_coef,
                "trl_from": a.trl_from, "trl_reward": [round(x, 4) for x in trl], "ppo_lm_reward": [round(x, 4) for x in ours],
                "trl_first": round(trl[0], 4), "ppo_lm_first": round(ours[0], 4),
                "trl_last5_mean": tail(trl), "ppo_lm_last5_mean": tail(ours)}
@@ -190,7 +214,7 @@ def main() -> int:
     ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
     ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
             label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision}"
-                  f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''})")
+                  f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''}{f', vf_coef {a.vf_coef:g}' if a.vf_coef != 0.1 else ''})")
     ax.set_xlabel("samples seen")
     ax.set_ylabel("mean reward of the batch")
     ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")

@@ -51,3 +51,25 @@ def test_bench_prompts_equal_the_peers_when_present():
     peer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peer)
     assert peer.synthetic_prompts() == synthetic_prompts()
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_parity_statistics_by_hand():
+    compare = _script("learning_parity").compare
+    s = compare([0.8, 0.9], [0.7, 0.8, 0.9])
+    assert s["trl"] == {"n": 2, "mean": 0.85, "sd": round(0.1 / 2**0.5, 4)}
+    assert s["ppo_lm"] == {"n": 3, "mean": 0.8, "sd": 0.1}
+    assert s["difference"] == -0.05
+    low, high = s["difference_95ci"]
+    assert -0.2 <= low < -0.05 < high <= 0.1  # inside the extremes any resample can reach
+    assert compare([0.5, 0.5], [0.6, 0.6])["difference_95ci"] == [0.1, 0.1]
