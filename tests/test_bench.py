@@ -1,4 +1,5 @@
-import torch
+import importlib.util
+from pathlib import Path
 
 from ppo_lm import toy
 from ppo_lm.bench import model_flops, peer_flops, synthetic_prompts
@@ -37,9 +38,15 @@ def test_bench_prompts_match_the_peer_recipe():
     assert prompts == synthetic_prompts()  # fixed
 
 
-def test_bench_prompts_equal_the_peers_when_present():
-    import importlib.util
+def _load(path: Path, name: str):
+    """A script that is not on the import path (ours in scripts/, or the peer's), as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_bench_prompts_equal_the_peers_when_present():
     import pytest
 
     from conftest import ASSETS
@@ -47,25 +54,11 @@ def test_bench_prompts_equal_the_peers_when_present():
     path = ASSETS.parent / "peers" / "trl_ppo" / "make_models.py"
     if not path.exists():
         pytest.skip("../shared/peers/trl_ppo is not present")
-    spec = importlib.util.spec_from_file_location("peer_make_models", path)
-    peer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(peer)
-    assert peer.synthetic_prompts() == synthetic_prompts()
-
-
-def _script(name: str):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    assert _load(path, "peer_make_models").synthetic_prompts() == synthetic_prompts()
 
 
 def test_learning_parity_statistics_by_hand():
-    compare = _script("learning_parity").compare
+    compare = _load(Path(__file__).resolve().parents[1] / "scripts" / "learning_parity.py", "learning_parity").compare
     s = compare([0.8, 0.9], [0.7, 0.8, 0.9])
     assert s["trl"] == {"n": 2, "mean": 0.85, "sd": round(0.1 / 2**0.5, 4)}
     assert s["ppo_lm"] == {"n": 3, "mean": 0.8, "sd": 0.1}
