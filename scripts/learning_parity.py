@@ -56,6 +56,22 @@ def model_name(folder: str) -> str:
     return path.parent.name if path.name == "hf" else path.name
 
 
+def ppo_lm_config(root: str, iters: int, *, lr: float, kl_coef: float, seed: int, mixed_precision: str,
+                  value_lr: float | None = None, vf_coef: float = 0.1, critic: bool = False) -> dict:
+    """ppo-lm's side of a parity run, as a config dict: the `ppo-lm bench` configuration on ``root/policy``
+    (output in ``root/ours``) with the run's settings, and the VADER sentiment reward (the count task passes a
+    reward_fn to ``train`` instead)."""
+    from ppo_lm.bench import bench_config
+
+    d = bench_config(root, str(Path(root) / "ours"), iters, lora=False, mixed_precision=mixed_precision).to_dict()
+    d["ppo"].update(lr=lr, kl_coef=kl_coef, value_lr=value_lr, vf_coef=vf_coef)
+    d["train"]["seed"] = seed
+    if critic:
+        d["model"]["critic"] = "policy"
+    d["reward"] = {"sources": [{"type": "sentiment"}]}
+    return d
+
+
 def compare(trl: list[float], ours: list[float], resamples: int = 10_000, seed: int = 0) -> dict:
     """Both libraries' final rewards over runs (one number per run): mean and sample standard deviation of
     each side, and ppo-lm's mean minus TRL's with a 95% bootstrap interval (each side resampled on its own,
@@ -141,7 +157,7 @@ def main() -> int:
     import torch
 
     from ppo_lm import toy
-    from ppo_lm.bench import SHAPES, WORDS, bench_config, synthetic_prompts
+    from ppo_lm.bench import SHAPES, WORDS, synthetic_prompts
     from ppo_lm.config import config_from_dict
     from ppo_lm.trainer import train
 
@@ -179,13 +195,8 @@ def main() -> int:
                 return 1
             trl = json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
 
-        cfg = bench_config(tmp, str(Path(tmp) / "ours"), a.iters, lora=False, mixed_precision=a.mixed_precision)
-        d = cfg.to_dict()
-        d["ppo"]["lr"], d["ppo"]["kl_coef"], d["train"]["seed"] = a.lr, a.kl_coef, a.seed
-        d["ppo"]["value_lr"], d["ppo"]["vf_coef"] = a.value_lr, a.vf_coef
-        if a.critic:
-            d["model"]["critic"] = "policy"
-        d["reward"] = {"sources": [{"type": "sentiment"}]}  # VADER; the count task passes reward_fn instead
+        d = ppo_lm_config(tmp, a.iters, lr=a.lr, kl_coef=a.kl_coef, seed=a.seed, mixed_precision=a.mixed_precision,
+                          value_lr=a.value_lr, vf_coef=a.vf_coef, critic=a.critic)
         result = train(config_from_dict(d), reward_fn=None if a.pretrained else reward,
                        records=[{"prompt": p} for p in prompts])
         ours = [m["reward_mean"] for m in result.metrics]

@@ -44,8 +44,7 @@ def main() -> int:
     from torch import nn
 
     import ppo_lm.models as models
-    from learning_parity import story_prompts
-    from ppo_lm.bench import bench_config
+    from learning_parity import ppo_lm_config, story_prompts
     from ppo_lm.config import config_from_dict
     from ppo_lm.trainer import train
 
@@ -78,12 +77,8 @@ def main() -> int:
     for seed in a.seeds:
         with tempfile.TemporaryDirectory(prefix="ppo-lm-variants-") as tmp:
             shutil.copytree(a.pretrained, Path(tmp) / "policy")
-            d = bench_config(tmp, str(Path(tmp) / "out"), a.iters, lora=False, mixed_precision=a.mixed_precision).to_dict()
-            d["ppo"].update(lr=a.lr, kl_coef=0.05, value_lr=a.value_lr)
-            d["train"]["seed"] = seed
-            d["reward"] = {"sources": [{"type": "sentiment"}]}
-            if a.critic_layers:
-                d["model"]["critic"] = "policy"
+            d = ppo_lm_config(tmp, a.iters, lr=a.lr, kl_coef=0.05, seed=seed, mixed_precision=a.mixed_precision,
+                              value_lr=a.value_lr, critic=bool(a.critic_layers))
             for item in a.set:
                 key, value = item.split("=", 1)
                 section, field = key.split(".")

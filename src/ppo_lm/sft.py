@@ -12,7 +12,6 @@ import json
 import math
 import random
 import time
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch

@@ -562,7 +562,7 @@ class _progress:
 def _print_samples(console, scored: ScoredRollout, k: int) -> None:
     from rich.table import Table
 
-    table = Table(title=f"samples", show_lines=True)
+    table = Table(title="samples", show_lines=True)
     table.add_column("prompt", max_width=40)
     table.add_column("completion", max_width=60)
     table.add_column("reward", justify="right")
