@@ -153,6 +153,59 @@ def test_logprobs_from_logits_bf16_input_is_upcast():
     assert_close(out, torch.tensor([[math.log(0.25)]]))
 
 
+def test_logprobs_gradient_by_hand():
+    # d log p(k) / d z_v = 1[v = k] - p_v; probs (1/4, 1/4, 1/2), token 2, upstream gradient 3
+    logits = torch.tensor([[[0.0, 0.0, math.log(2.0)]]], requires_grad=True)
+    (3.0 * logprobs_from_logits(logits, torch.tensor([[2]]))).sum().backward()
+    assert_close(logits.grad, torch.tensor([[[-0.75, -0.75, 1.5]]]))
+    # temperature 2: z = logits / 2, so the gradient is halved: probs of (0, 0, log2 / 2) are
+    # (1, 1, sqrt2) / (2 + sqrt2); token 0
+    logits.grad = None
+    logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0).sum().backward()
+    p = torch.tensor([1.0, 1.0, math.sqrt(2.0)]) / (2.0 + math.sqrt(2.0))
+    assert_close(logits.grad, ((torch.tensor([1.0, 0.0, 0.0]) - p) / 2.0).view(1, 1, 3))
+
+
+def test_logprobs_gradient_matches_autograd_of_the_definition():
+    from ppo_lm.algo import _TokenLogprob
+
+    torch.manual_seed(0)
+    z = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    tokens = torch.tensor([[1, 1, 6], [0, 3, 3]])
+    assert torch.autograd.gradcheck(lambda x: _TokenLogprob.apply(x, tokens), (z,))
+    g = torch.randn(2, 3, dtype=torch.float64)
+    (_TokenLogprob.apply(z, tokens) * g).sum().backward()
+    ours, z.grad = z.grad, None
+    ((torch.log_softmax(z, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)) * g).sum().backward()
+    assert_close(ours, z.grad)
+
+
+def test_logprobs_gradient_reaches_bf16_logits():
+    logits = torch.zeros(1, 1, 4, dtype=torch.bfloat16, requires_grad=True)
+    logprobs_from_logits(logits, torch.tensor([[3]])).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    assert_close(logits.grad.float(), torch.tensor([[[-0.25, -0.25, -0.25, 0.75]]]))
+
+
+def test_logprobs_and_entropy_together():
+    from ppo_lm.algo import logprobs_and_entropy
+
+    # probs (1/4, 1/4, 1/2): H = 2 * (1/4) ln 4 + (1/2) ln 2 = 1.5 ln 2; log p(token 2) = -ln 2
+    lp, h = logprobs_and_entropy(torch.tensor([[[0.0, 0.0, math.log(2.0)]]]), torch.tensor([[2]]))
+    assert_close(lp, torch.tensor([[-math.log(2.0)]]))
+    assert_close(h, torch.tensor([[1.5 * math.log(2.0)]]))
+    # a masked entry (-inf) contributes 0, not NaN: (0, -inf, 0) is a fair coin
+    lp, h = logprobs_and_entropy(torch.tensor([[[0.0, -math.inf, 0.0]]]), torch.tensor([[0]]))
+    assert_close(h, torch.tensor([[math.log(2.0)]]))
+    # the same numbers as the two functions apart, at a temperature, from bf16 logits
+    torch.manual_seed(0)
+    logits, tokens = (3 * torch.randn(4, 5, 50)).bfloat16(), torch.randint(50, (4, 5))
+    lp, h = logprobs_and_entropy(logits, tokens, temperature=0.7)
+    assert lp.dtype == h.dtype == torch.float32
+    assert_close(lp, logprobs_from_logits(logits, tokens, temperature=0.7))
+    assert_close(h, entropy_from_logits(logits, temperature=0.7))
+
+
 def test_entropy_uniform_is_log_v():
     logits = torch.zeros(2, 3, 5)
     assert_close(entropy_from_logits(logits), torch.full((2, 3), math.log(5.0)))

@@ -136,3 +136,60 @@ def test_the_models_own_generation_defaults_do_not_change_sampling(tiny_model_di
         torch.manual_seed(seed)
         outs.add(tuple(sample(lm, ids, mask, gen, None)[0].tolist()))
     assert len(outs) > 1  # with top_k 1 every seed would give the same response
+
+
+def test_lm_forward_keeps_exactly_the_response_positions(tiny_model_dir):
+    """Whatever a model's forward accepts (positions, the last k, no logits_to_keep at all), lm_forward gives the
+    logits and hidden states of the positions that predict the response, equal to a full forward's."""
+    from transformers import AutoModelForCausalLM
+
+    from ppo_lm.models import _logits_to_keep, lm_forward
+
+    lm = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    ids = torch.randint(3, lm.config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        full = lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                  output_hidden_states=True)
+    want_logits, want_hidden = full.logits[:, 4:8], full.hidden_states[-1][:, 4:8]
+
+    class LastOnly(type(lm)):  # a model whose forward takes an int only
+        def forward(self, *args, logits_to_keep: int = 0, **kwargs):
+            return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    class NoKeep(type(lm)):  # a model without logits_to_keep
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, use_cache=None,
+                    output_hidden_states=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, output_hidden_states=output_hidden_states)
+
+    for cls, mode in ((type(lm), "positions"), (LastOnly, "last"), (NoKeep, None)):
+        assert _logits_to_keep(cls) == mode
+        lm.__class__ = cls
+        with torch.no_grad():
+            logits, hidden = lm_forward(lm, ids, mask, 4, want_hidden=True)
+        assert logits.shape == (2, 4, lm.config.vocab_size), mode
+        assert_close(logits, want_logits)
+        assert_close(hidden, want_hidden)
+
+
+def test_fused_gelu_is_the_same_function(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    from ppo_lm.models import fuse_gelu, load_causal_lm
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    assert plain.config.activation_function == "gelu_new"
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    fused = load_causal_lm(str(tiny_model_dir)).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.GELU) for m in fused.modules()) == plain.config.n_layer
+    assert fused.config.activation_function == "gelu_new"  # a saved model is unchanged
+    ids = torch.randint(3, plain.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    fuse_gelu(plain)
+    fuse_gelu(plain)  # a second pass finds nothing left to replace
+    assert sum(isinstance(m, torch.nn.GELU) for m in plain.modules()) == plain.config.n_layer

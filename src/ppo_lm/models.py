@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from pathlib import Path
 
@@ -39,10 +40,6 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _accepts(module: nn.Module, name: str) -> bool:
-    return name in inspect.signature(module.forward).parameters
-
-
 class PolicyWithValue(nn.Module):
     """Causal LM plus value head. ``forward`` computes, for the last ``n_response`` tokens of ``input_ids``,
     the logits that predicted them ``[B, T, V]`` and the values of the states before them ``[B, T]``.
@@ -55,12 +52,9 @@ class PolicyWithValue(nn.Module):
         self.lm = lm
         self.value_head = value_head
         self.critic = critic
-        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        self._keep_logits = _accepts(base, "logits_to_keep")
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.critic is None,
-                                    keep_logits=self._keep_logits)
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.critic is None)
         if self.critic is not None:
             out = self.critic(input_ids=input_ids, attention_mask=attention_mask,
                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
@@ -74,18 +68,35 @@ class PolicyWithValue(nn.Module):
             yield self.lm
 
 
+@functools.lru_cache(maxsize=None)
+def _logits_to_keep(model_class: type) -> str | None:
+    """How a model class's forward takes ``logits_to_keep``: "positions" (an int or a tensor of positions, as
+    in transformers' own models), "last" (an int only: the last k positions), or None (not at all)."""
+    param = inspect.signature(model_class.forward).parameters.get("logits_to_keep")
+    if param is None:
+        return None
+    return "positions" if "Tensor" in str(param.annotation) else "last"
+
+
 def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_response: int, *,
-               want_hidden: bool = False, keep_logits: bool = True) -> tuple[Tensor, Tensor | None]:
+               want_hidden: bool = False) -> tuple[Tensor, Tensor | None]:
     """Logits ``[B, T, V]`` predicting the last ``T = n_response`` tokens, and (optionally) the last hidden
-    states ``[B, T, H]`` at the same positions. Only ``T + 1`` positions go through the LM head, so the
-    vocabulary projection is never paid for the prompt."""
+    states ``[B, T, H]`` at the same positions. Only those ``T`` positions go through the LM head, so the
+    vocabulary projection is never paid for the prompt, and their hidden states are gathered into one
+    contiguous block first (a strided slice would make the head a batched matmul of the weight expanded over
+    the batch, and its backward fill a ``[B, T + 1, V]`` gradient of zeros)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                   output_hidden_states=want_hidden)
-    if keep_logits:
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    keep = _logits_to_keep(type(base))
+    length = input_ids.shape[1]
+    if keep == "positions":
+        kwargs["logits_to_keep"] = torch.arange(length - n_response - 1, length - 1, device=input_ids.device)
+    elif keep == "last":
         kwargs["logits_to_keep"] = n_response + 1
     out = lm(**kwargs)
-    logits = out.logits[:, -n_response - 1 : -1]
+    logits = out.logits if keep == "positions" else out.logits[:, -n_response - 1 : -1]
     hidden = out.hidden_states[-1][:, -n_response - 1 : -1] if want_hidden else None
     return logits, hidden
 
@@ -98,6 +109,26 @@ def disable_dropout(model: nn.Module) -> None:
         for name in ("attention_dropout", "dropout_rate"):
             if isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
+
+
+def fuse_gelu(model: nn.Module) -> None:
+    """Replace transformers' ``NewGELUActivation`` (GPT-2's "gelu_new": the tanh approximation written as eight
+    elementwise operations, each a pass over the MLP's activations forward and more backward) with the same
+    function as one fused kernel, ``nn.GELU(approximate="tanh")``: forward + backward of a 16 x 48 x 1024
+    activation 5.4 -> 1.1 ms on CPU. The model's config is left as it is, so a saved model is unchanged."""
+    from transformers.activations import NewGELUActivation
+
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+
+
+def prepare_model(model: nn.Module) -> None:
+    """What every model ppo-lm loads gets: no dropout (RL needs the same function in rollout and update) and
+    the fused GELU."""
+    disable_dropout(model)
+    fuse_gelu(model)
 
 
 def _no_dropout_config(config):
@@ -156,7 +187,7 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
                                                     trust_remote_code=trust_remote_code))
     lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=DTYPES[dtype],
                                               trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
-    disable_dropout(lm)
+    prepare_model(lm)
     return lm
 
 
@@ -205,7 +236,7 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
                                                         trust_remote_code=model_cfg.trust_remote_code))
         critic = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[model_cfg.dtype],
                                            trust_remote_code=model_cfg.trust_remote_code)
-        disable_dropout(critic)
+        prepare_model(critic)
         hidden_size = config.hidden_size
     head = ValueHead(hidden_size, model_cfg.value_head_init_std)
     return PolicyWithValue(lm, head, critic)

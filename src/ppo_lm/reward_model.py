@@ -19,7 +19,7 @@ import torch
 from .config import RewardModelConfig
 from .data import load_records
 from .errors import UserError
-from .models import DTYPES, _no_dropout_config, apply_lora, disable_dropout, load_tokenizer, save_merged
+from .models import DTYPES, _no_dropout_config, apply_lora, load_tokenizer, prepare_model, save_merged
 from .sft import fit, micro_batches, pad_right, split_records
 from .tracking import MetricsLog
 
@@ -91,7 +91,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     model = AutoModelForSequenceClassification.from_pretrained(
         cfg.model.name_or_path, config=config, dtype=DTYPES[cfg.model.dtype],
         trust_remote_code=cfg.model.trust_remote_code, ignore_mismatched_sizes=True)
-    disable_dropout(model)
+    prepare_model(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
 

@@ -114,15 +114,16 @@ def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tens
         ids, mask, tok = input_ids[s:s + batch_size], attention_mask[s:s + batch_size], tokens[s:s + batch_size]
         with autocast():
             logits, v = policy(ids, mask, n_response)
-            logprobs.append(algo.logprobs_from_logits(logits, tok, temperature))
+            lp, h = algo.logprobs_and_entropy(logits, tok, temperature)
+            logprobs.append(lp)
+            entropy.append(h)
             values.append(v.float())
-            entropy.append(algo.entropy_from_logits(logits, temperature))
             del logits
             if ref is None:  # LoRA: the reference is the policy with adapters off
                 with policy.adapters_disabled() as base:
-                    ref_logits, _ = lm_forward(base, ids, mask, n_response, keep_logits=policy._keep_logits)
+                    ref_logits, _ = lm_forward(base, ids, mask, n_response)
             else:
-                ref_logits, _ = lm_forward(ref, ids, mask, n_response, keep_logits=policy._keep_logits)
+                ref_logits, _ = lm_forward(ref, ids, mask, n_response)
             ref_logprobs.append(algo.logprobs_from_logits(ref_logits, tok, temperature))
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
 

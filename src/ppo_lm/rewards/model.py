@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models import DTYPES, _no_dropout_config, disable_dropout, load_config_checked, load_tokenizer
+from ..models import DTYPES, _no_dropout_config, load_config_checked, load_tokenizer, prepare_model
 
 
 class RewardModel:
@@ -28,7 +28,7 @@ class RewardModel:
                                                                         trust_remote_code=trust_remote_code)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        disable_dropout(self.model)
+        prepare_model(self.model)
         self.model.eval().requires_grad_(False)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
