@@ -83,8 +83,9 @@ def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_respo
     """Logits ``[B, T, V]`` predicting the last ``T = n_response`` tokens, and (optionally) the last hidden
     states ``[B, T, H]`` at the same positions. Only those ``T`` positions go through the LM head, so the
     vocabulary projection is never paid for the prompt, and their hidden states are gathered into one
-    contiguous block first (a strided slice would make the head a batched matmul of the weight expanded over
-    the batch, and its backward fill a ``[B, T + 1, V]`` gradient of zeros)."""
+    contiguous block first (keeping the last T + 1 positions and slicing made the head, under LoRA, a batched
+    matmul of the weight expanded over the batch, and the slice's backward fill a ``[B, T + 1, V]`` gradient of
+    zeros)."""
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                   output_hidden_states=want_hidden)
