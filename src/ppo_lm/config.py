@@ -437,7 +437,8 @@ def _error(field: str, what: str, source: str, line: int | None) -> ConfigError:
     return ConfigError(field, what, source, line)
 
 
-def _suggest(key: str, names: list[str]) -> str | None:
+def closest_name(key: str, names: list[str]) -> str | None:
+    """The name in ``names`` that ``key`` was most likely meant to be (for "did you mean" hints), or None."""
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     if close:
         return close[0]
@@ -465,7 +466,7 @@ class _Builder:
             dotted = f"{prefix}.{key}" if prefix else key
             key_line = self.where(lines, key)
             if key not in names:
-                close = _suggest(key, names)
+                close = closest_name(key, names)
                 hint = f" (did you mean '{close}'?)" if close else f" (known keys: {', '.join(names)})"
                 raise _error(dotted, f"unknown key{hint}", self.source, key_line)
             kwargs[key] = self.convert(hints[key], value, dotted, key_line)

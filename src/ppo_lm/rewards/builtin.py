@@ -53,16 +53,16 @@ def best_f1(prediction: str, references: list[str]) -> float:
     return max(token_f1(prediction, r) for r in references)
 
 
-def _references(value) -> list[str]:
+def reference_list(value) -> list[str]:
     """A reference field may hold a string, a list of strings, or SQuAD-style [{"text": ...}]."""
     if value is None:
         return [""]
     if isinstance(value, str):
         return [value]
     if isinstance(value, dict) and "text" in value:
-        return _references(value["text"])
+        return reference_list(value["text"])
     if isinstance(value, (list, tuple)):
-        refs = [r for v in value for r in _references(v)]
+        refs = [r for v in value for r in reference_list(v)]
         return refs or [""]
     return [str(value)]
 
@@ -75,7 +75,7 @@ class _Reference:
         if self.field not in fields:
             raise RewardError(f"the dataset has no field {self.field!r} (fields: {', '.join(sorted(fields)) or 'none'})",
                               f"reward ({type(self).__name__.lower()})")
-        return [_references(v) for v in fields[self.field]]
+        return [reference_list(v) for v in fields[self.field]]
 
 
 class ExactMatch(_Reference):

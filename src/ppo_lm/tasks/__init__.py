@@ -47,9 +47,9 @@ TASKS: dict[str, Task] = {
 
 def unknown(name: str) -> str:
     """What is wrong with a task name that is not registered, with a did-you-mean when one is close."""
-    from ..config import _suggest
+    from ..config import closest_name
 
-    close = _suggest(name, list(TASKS))
+    close = closest_name(name, list(TASKS))
     return f"unknown task {name!r} " + (f"(did you mean '{close}'?)" if close else f"(known: {', '.join(TASKS)})")
 
 

@@ -17,7 +17,7 @@ import random
 import re
 from pathlib import Path
 
-from ..rewards.builtin import _references, best_f1, exact_match
+from ..rewards.builtin import best_f1, exact_match, reference_list
 
 NAME = "qa"
 SUMMARY = "answer a question about a short text; reward = exact match with the reference; metrics = EM, F1"
@@ -94,7 +94,7 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
 
 def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]:
     """SQuAD exact match and token F1, each the best over the reference answers."""
-    refs = [_references(v) for v in fields["answers"]]  # a string, a list, or SQuAD-style {"text": [...]}
+    refs = [reference_list(v) for v in fields["answers"]]  # a string, a list, or SQuAD-style {"text": [...]}
     n = max(1, len(completions))
     em = sum(exact_match(c, rs) for c, rs in zip(completions, refs))
     f1 = sum(best_f1(c, rs) for c, rs in zip(completions, refs))
