@@ -20,7 +20,7 @@ from ppo_lm.trainer import train
 from conftest import prompt_records, tiny_config
 from test_cli import ENV, ppo_lm
 
-TIMING = {"time_rollout_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
+TIMING = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
 
 
 def write_run(tmp_path: Path, model_dir: Path, name: str, iterations: int, extra: str = "") -> Path:

@@ -11,7 +11,7 @@ from ppo_lm.trainer import train
 
 from conftest import prompt_records, tiny_config
 
-TIMING_KEYS = {"time_rollout_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
+TIMING_KEYS = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
 
 
 @pytest.mark.slow
@@ -27,8 +27,8 @@ def test_reward_rises_on_a_verifiable_task(tiny_model_dir, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 31))
     required = {"iteration", "reward_mean", "reward_std", "kl", "entropy", "policy_loss", "value_loss", "clipfrac",
-                "approx_kl", "explained_variance", "response_length", "time_rollout_s", "time_score_s",
-                "time_train_s", "tokens_per_s"}
+                "approx_kl", "explained_variance", "response_length", "time_rollout_s", "time_generate_s",
+                "time_score_s", "time_train_s", "tokens_per_s"}
     assert required <= set(rows[0])
     assert (tmp_path / "training.png").stat().st_size > 1000
 
@@ -39,6 +39,9 @@ def test_training_is_deterministic_on_cpu(tiny_model_dir, tmp_path):
         cfg = tiny_config(tiny_model_dir, tmp_path / name, train={"iterations": 3, "save_final": False})
         result = train(cfg, records=prompt_records())
         metrics = [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in result.metrics]
+        for m in result.metrics:  # generation is timed inside the rollout and not counted twice
+            assert 0 < m["time_generate_s"] < m["time_rollout_s"]
+            assert m["time_iteration_s"] == pytest.approx(m["time_rollout_s"] + m["time_score_s"] + m["time_train_s"])
         runs.append((metrics, {k: v.clone() for k, v in result.policy.state_dict().items()}))
     assert runs[0][0] == runs[1][0]
     for k, v in runs[0][1].items():

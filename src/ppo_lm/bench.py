@@ -207,7 +207,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
         "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),
-        "score_s": med("time_score_s"), "train_s": med("time_train_s"),
+        "generate_s": med("time_generate_s"), "score_s": med("time_score_s"), "train_s": med("time_train_s"),
         "tokens_per_s": round(tokens / med("time_iteration_s"), 1),
         "rollout_tokens_per_s": round(tokens / med("time_rollout_s"), 1),
         "peak_rss_mib": round(peak_rss, 1),

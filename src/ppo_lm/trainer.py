@@ -231,7 +231,7 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
     lengths = mask.sum(-1).float()
     kl_seq = scored.kl.sum(-1)  # KL of the whole response, the quantity the penalty controls
     k3_seq = (algo.kl_k3(r.logprobs, r.ref_logprobs) * mask).sum(-1)
-    total_s = sum(seconds.values())
+    total_s = sum(seconds.get(phase, 0.0) for phase in ("rollout", "score", "train"))  # "generate" is in "rollout"
     return {
         "iteration": state.iteration,
         "reward_mean": scored.raw_scores.mean().item(),
@@ -260,6 +260,7 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
         "samples_seen": state.samples_seen,
         "nonfinite_skips": state.nonfinite_skips,
         "time_rollout_s": seconds.get("rollout", 0.0),
+        "time_generate_s": seconds.get("generate", 0.0),  # part of the rollout: sampling alone
         "time_score_s": seconds.get("score", 0.0),
         "time_train_s": seconds.get("train", 0.0),
         "time_iteration_s": total_s,
@@ -386,7 +387,7 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
             with timer("rollout"):  # step 1
                 rollout = collect(unwrapped, ref, tokenizer, prompt_ids, prompts, fields, cfg.rollout,
                                   device=accelerator.device, forward_batch_size=cfg.minibatch_size,
-                                  autocast=accelerator.autocast)
+                                  autocast=accelerator.autocast, timer=timer)
             with timer("score"):  # steps 2 and 3
                 try:
                     scored = score(rollout, reward, state, cfg)
