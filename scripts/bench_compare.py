@@ -135,6 +135,8 @@ def main() -> int:
             ratios[mode] = {"speedup_vs_trl": round(speedup, 2),
                             "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3),
                             "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
+            if o.get("generate_s") and trl.get("generation_sec_median"):  # sampling alone, part of the rollout
+                ratios[mode]["generation_speedup_vs_trl"] = round(trl["generation_sec_median"] / o["generate_s"], 2)
             if trl_bf16:
                 ratios[mode]["speedup_vs_trl_bf16"] = round(trl_bf16["sec_per_iter_median"] / o["seconds_per_iteration"], 2)
         results.append({"size": size, "trl": trl, "trl_bf16": trl_bf16, "ppo_lm": ours, "ratios": ratios})
