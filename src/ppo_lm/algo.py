@@ -60,6 +60,11 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 # ------------------------------------------------------------------------------------------ logprobs
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """``logits / temperature`` in fp32, the distribution every logprob and entropy here is taken under."""
+    return logits.float() / temperature if temperature != 1.0 else logits.float()
+
+
 class _TokenLogprob(torch.autograd.Function):
     """``log_softmax(z)[token]`` with a backward that allocates one ``[B, T, V]`` tensor.
 
@@ -91,7 +96,7 @@ def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.
     tensor is kept for the backward. The temperature must be the sampling temperature, so that rollout and
     loss use the same distribution.
     """
-    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    z = _scaled(logits, temperature)
     return _TokenLogprob.apply(z, tokens)
 
 
@@ -101,7 +106,7 @@ def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     H = logsumexp(z) - sum_v p_v z_v, which is exact and never takes log(0); entries masked with -inf
     contribute 0 (not 0 * -inf).
     """
-    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    z = _scaled(logits, temperature)
     p = torch.softmax(z, dim=-1)
     return torch.logsumexp(z, dim=-1) - torch.where(p > 0, p * z, 0.0).sum(-1)
 
@@ -111,7 +116,7 @@ def logprobs_and_entropy(logits: Tensor, tokens: Tensor, temperature: float = 1.
     """:func:`logprobs_from_logits` and :func:`entropy_from_logits` from one log-softmax, without gradients (for
     the rollout): H = -sum_v p_v log p_v with two vocabulary-sized temporaries instead of seven. Entries masked
     with -inf contribute 0."""
-    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    z = _scaled(logits, temperature)
     logp = torch.log_softmax(z, dim=-1)
     chosen = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     logp.clamp_(min=torch.finfo(logp.dtype).min)  # -inf -> a finite number whose exp is 0: no 0 * -inf
