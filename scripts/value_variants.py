@@ -9,7 +9,7 @@ only. Prints one JSON line per seed: the mean reward of the last 5 iterations an
 
 --head mlp: Linear(H, m*H) -> GELU -> Linear(m*H, 1) instead of ppo-lm's Linear(H, 1) (m = --mlp-width);
 --detach: the value loss does not reach the trunk; --critic-layers N: a separate critic made of the policy's
-first N layers (implies model.critic: policy); --set section.field=JSON: any other config override.
+first N layers (implies model.critic: policy); --set KEY=VALUE: any other config override, as on the ppo-lm command line.
 """
 from __future__ import annotations
 
@@ -38,14 +38,15 @@ def main() -> int:
     ap.add_argument("--mlp-width", type=int, default=1)
     ap.add_argument("--detach", action="store_true")
     ap.add_argument("--critic-layers", type=int, default=None)
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override as on the ppo-lm command line (e.g. ppo.vf_coef=1.0)")
     a = ap.parse_args()
 
     from torch import nn
 
     import ppo_lm.models as models
     from learning_parity import ppo_lm_config, story_prompts
-    from ppo_lm.config import config_from_dict
+    from ppo_lm.config import _apply_override, config_from_dict  # the command line's override rules
     from ppo_lm.trainer import train
 
     class Head(nn.Module):
@@ -80,9 +81,7 @@ def main() -> int:
             d = ppo_lm_config(tmp, a.iters, lr=a.lr, kl_coef=0.05, seed=seed, mixed_precision=a.mixed_precision,
                               value_lr=a.value_lr, critic=bool(a.critic_layers))
             for item in a.set:
-                key, value = item.split("=", 1)
-                section, field = key.split(".")
-                d[section][field] = json.loads(value)
+                _apply_override(d, item)
             metrics = train(config_from_dict(d), records=[{"prompt": p} for p in prompts]).metrics
         reward = [m["reward_mean"] for m in metrics]
         ev = [m["explained_variance"] for m in metrics]
