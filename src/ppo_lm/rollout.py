@@ -148,14 +148,14 @@ def _untimed(name: str) -> contextlib.AbstractContextManager:
 def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_token_ids: list[list[int]],
             prompts: list[str], fields: dict, cfg, *, device: torch.device, forward_batch_size: int,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            timer: Callable[[str], contextlib.AbstractContextManager] | None = None) -> Rollout:
+            timer: Callable[[str], contextlib.AbstractContextManager] = _untimed) -> Rollout:
     """Sample one response per prompt and return the full :class:`Rollout` (``cfg``: a RolloutConfig). With a
     ``timer`` (a :class:`~ppo_lm.tracking.PhaseTimer`), the sampling alone is timed as "generate"."""
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, tokenizer.pad_token_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     was_training = policy.training
     policy.eval()
-    with autocast(), (timer or _untimed)("generate"):
+    with autocast(), timer("generate"):
         response_ids, response_mask, ended, completions = sample_responses(policy.lm, tokenizer, prompt_ids,
                                                                            prompt_mask, cfg)
     input_ids = torch.cat([prompt_ids, response_ids], 1)
