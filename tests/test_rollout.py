@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -60,6 +61,58 @@ def test_logprobs_use_sampling_temperature(tiny_model_dir, tmp_path):
         logits = policy.lm(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     expected = torch.log_softmax(logits[:, -T - 1:-1] / 0.7, -1).gather(-1, r.response_ids.unsqueeze(-1)).squeeze(-1)
     assert_close(r.logprobs, expected * r.response_mask, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model", [{}, {"critic": "policy"}, {"lora": {"enabled": True}}],
+                         ids=["shared-trunk", "critic", "lora"])
+def test_recorded_while_sampling_equals_a_teacher_forced_forward(tiny_model_dir, tmp_path, model):
+    """Logprobs, entropies and values recorded during generation (with a temperature, top-k, top-p, EOS stops and
+    chunks of unequal length) are those of one teacher-forced forward over the finished sequences."""
+    import dataclasses
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, model=model, rollout={
+        "batch_size": 10, "max_new_tokens": 12, "temperature": 0.7, "top_k": 20, "top_p": 0.95,
+        "generation_batch_size": 4})
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy = load_policy(cfg.model)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(policy.value_head.summary.weight)  # a fresh value head is zero: make values say something
+    ref = make_reference(policy)
+    prompts = [r["prompt"] for r in prompt_records(10)]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    out = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        out[recompute] = collect(policy, ref, tok, ids, prompts, {},
+                                 dataclasses.replace(cfg.rollout, recompute_logprobs=recompute),
+                                 device=torch.device("cpu"), forward_batch_size=3)
+    recorded, recomputed = out[False], out[True]
+    assert torch.equal(recorded.response_ids, recomputed.response_ids)  # recording draws no random numbers
+    assert not recorded.response_mask.all() and recorded.response_mask.any(-1).all()  # some rows stopped early
+    for name in ("logprobs", "entropy", "values", "ref_logprobs"):
+        assert getattr(recorded, name).abs().sum() > 0, name
+        assert_close(getattr(recorded, name), getattr(recomputed, name), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_the_models_own_logit_settings_do_not_reach_sampling(tiny_model_dir):
+    """generation_config.json settings that reshape the logits (suppress_tokens, repetition_penalty, ...) would make
+    the rollout sample from another distribution than the loss evaluates: they are hidden while sampling, and the
+    model keeps them."""
+    from transformers import AutoModelForCausalLM
+
+    from ppo_lm.config import RolloutConfig
+    from ppo_lm.rollout import generation_config, sample
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lm.generation_config.suppress_tokens = list(range(3, lm.config.vocab_size))  # all but tokens 0, 1, 2
+    lm.generation_config.repetition_penalty = 50.0
+    tok = load_tokenizer(str(tiny_model_dir))
+    gen = generation_config(tok, RolloutConfig(max_new_tokens=8, stop_at_eos=False, top_k=0, top_p=1.0))
+    ids, mask = left_pad([[5, 6]] * 4, tok.pad_token_id)
+    torch.manual_seed(0)
+    drawn = sample(lm, ids, mask, gen, None).ids
+    assert (drawn >= 3).float().mean() > 0.5  # suppress_tokens would leave only 0, 1 and 2
+    assert lm.generation_config.suppress_tokens[0] == 3 and lm.generation_config.repetition_penalty == 50.0
 
 
 def test_first_update_step_sees_ratio_one(tiny_model_dir, tmp_path):
@@ -134,7 +187,7 @@ def test_the_models_own_generation_defaults_do_not_change_sampling(tiny_model_di
     outs = set()
     for seed in range(5):
         torch.manual_seed(seed)
-        outs.add(tuple(sample(lm, ids, mask, gen, None)[0].tolist()))
+        outs.add(tuple(sample(lm, ids, mask, gen, None).ids[0].tolist()))
     assert len(outs) > 1  # with top_k 1 every seed would give the same response
 
 

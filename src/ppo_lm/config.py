@@ -94,6 +94,9 @@ class RolloutConfig:
     top_p: float = 1.0
     #: Generate in chunks of this many prompts (null = the whole batch at once).
     generation_batch_size: int | None = None
+    #: Recompute the policy's old logprobs, entropies and values with a teacher-forced forward after sampling
+    #: (false: record them while sampling, which saves that forward).
+    recompute_logprobs: bool = False
     #: Score given to responses that end without EOS instead of their reward (null = keep their reward).
     missing_eos_penalty: float | None = None
 

@@ -62,8 +62,8 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     for s in range(0, len(dataset), batch_size):
         prompts, ids, fields = dataset.batch(list(range(s, min(s + batch_size, len(dataset)))))
         prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
-        response, mask, has_eos, texts = sample_responses(model, tokenizer, prompt_ids, prompt_mask, cfg.rollout,
-                                                          greedy=greedy)
+        response, mask, has_eos, texts, _ = sample_responses(model, tokenizer, prompt_ids, prompt_mask, cfg.rollout,
+                                                             greedy=greedy)
         completions += texts
         prompts_all += prompts
         for k, v in fields.items():

@@ -56,10 +56,14 @@ class PolicyWithValue(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
         logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.critic is None)
         if self.critic is not None:
-            out = self.critic(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-            hidden = out.last_hidden_state[:, -n_response - 1 : -1]
+            return logits, self.critic_values(input_ids, attention_mask, n_response)
         return logits, self.value_head(hidden)
+
+    def critic_values(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> Tensor:
+        """Values ``[B, T]`` from the separate critic's trunk (``critic`` set)."""
+        out = self.critic(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        return self.value_head(out.last_hidden_state[:, -n_response - 1 : -1])
 
     @contextlib.contextmanager
     def adapters_disabled(self):

@@ -1,16 +1,18 @@
-"""Step 1 of an iteration: sample responses with the current policy, then compute, in batched forward passes,
-the quantities PPO needs of them: old logprobs, values, and reference logprobs.
+"""Step 1 of an iteration: sample responses with the current policy and gather the quantities PPO needs of
+them: old logprobs, values, entropies and reference logprobs.
 
 Sampling uses ``transformers``' ``generate`` (KV cache; its temperature/top-k/top-p warpers) on left-padded
-prompts, with the next token drawn by :class:`InverseCDFSampler`.
-Logprobs are recomputed with one teacher-forced forward at the *sampling temperature*, the same function the
-loss later evaluates, so the first PPO step sees a ratio of exactly 1 and no stale numerics from the cache.
+prompts, with the next token drawn by :class:`InverseCDFSampler`. The old logprobs and entropies, taken at the
+*sampling temperature* (the same function the loss later evaluates), and the hidden states the value head reads
+are recorded while sampling (:class:`StepRecorder`), so the policy never runs over the sampled sequences a second
+time; only the reference model (and a separate critic) does, in batched forward passes. With
+``rollout.recompute_logprobs`` the policy's quantities come from one teacher-forced forward instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -53,14 +55,88 @@ class InverseCDFSampler:
     8192), against well under a millisecond for a cumulative sum and a binary search.
     """
 
+    def __init__(self, on_sample: Callable[[Tensor], None] | None = None):
+        self.on_sample = on_sample  # told each ``[B]`` draw (StepRecorder.take)
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         probs = torch.softmax(scores.float(), dim=-1)
         cdf = probs.cumsum(-1)
         u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
         # right=True: the first index whose cumulative probability exceeds u, never a zero-probability token
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        if self.on_sample is not None:
+            self.on_sample(token[:, 0])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(-1, token, 0.0)
+
+
+class StepRecorder:
+    """Records, at each sampling step, what PPO needs of the token just drawn, so that the rollout does not run the
+    policy over the sampled sequences a second time (TRL's PPOTrainer likewise takes its old logprobs from the
+    generation logits): the token's logprob and the distribution's entropy at the sampling temperature, from the
+    model's logits before any warper, and the final hidden state that predicted it, which the value head reads.
+
+    It is the first logits processor (it sees the logits and passes them on untouched), a forward hook on the LM
+    head catches the hidden state, and the sampler hands over each token it draws. Per step it keeps ``[B]`` and
+    ``[B, H]``, never the ``[B, V]`` logits of past steps (``output_logits=True`` would keep them all).
+    """
+
+    def __init__(self, lm: nn.Module, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[Tensor] = []
+        self.entropy: list[Tensor] = []
+        self.hidden: list[Tensor] = []
+        self._scores: Tensor | None = None
+        self._last_hidden: Tensor | None = None
+        self._hook = lm.get_output_embeddings().register_forward_hook(self._catch_hidden)
+
+    def _catch_hidden(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._last_hidden = args[0][:, -1]
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        self._scores = scores
+        return scores
+
+    def take(self, token: Tensor) -> None:
+        lp, h = algo.logprobs_and_entropy(self._scores, token, self.temperature)
+        self.logprobs.append(lp)
+        self.entropy.append(h)
+        self.hidden.append(self._last_hidden)
+        self._scores = self._last_hidden = None
+
+    def remove(self) -> None:
+        self._hook.remove()
+
+    def result(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, T]`` logprobs, ``[B, T]`` entropies and ``[B, T, H]`` hidden states of the T steps sampled."""
+        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1), torch.stack(self.hidden, 1)
+
+
+class Sampled(NamedTuple):
+    """Sampled responses ``[B, T]`` (right-padded with pad) and, when recorded, their old logprobs and entropies
+    ``[B, T]`` and the hidden states ``[B, T, H]`` that predicted them (see :class:`StepRecorder`)."""
+
+    ids: Tensor
+    logprobs: Tensor | None = None
+    entropy: Tensor | None = None
+    hidden: Tensor | None = None
+
+
+@contextlib.contextmanager
+def own_generation_defaults(lm: nn.Module):
+    """``generate`` fills every setting its config leaves unset from the checkpoint's generation_config.json, and an
+    instruct model may ship ``repetition_penalty``, ``suppress_tokens``, ``min_p`` or ``bad_words_ids`` there: the
+    rollout would then sample from another distribution than the one the loss evaluates. Hide them while
+    sampling (the model's own config is put back, and saved with it, unchanged)."""
+    from transformers import GenerationConfig
+
+    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
 def generation_config(tokenizer, cfg, *, greedy: bool = False):
@@ -86,39 +162,65 @@ def generation_config(tokenizer, cfg, *, greedy: bool = False):
 
 
 @torch.no_grad()
-def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, chunk: int | None) -> Tensor:
-    """Sample responses ``[B, T]`` (right-padded with pad) for left-padded prompts, ``chunk`` prompts at a time;
-    ``gen_config`` is what :func:`generation_config` returns."""
+def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, chunk: int | None, *,
+           record_temperature: float | None = None) -> Sampled:
+    """Sample responses for left-padded prompts, ``chunk`` prompts at a time; ``gen_config`` is what
+    :func:`generation_config` returns. With ``record_temperature`` (sampling only), also record each token's
+    logprob and entropy at that temperature and its hidden state (:class:`StepRecorder`)."""
     config, processors = gen_config
     pad = config.pad_token_id
     chunk = chunk or prompt_ids.shape[0]
-    pieces = []
+    pieces: list[tuple[Tensor, ...]] = []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
-        out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config,
-                          logits_processor=processors)
-        pieces.append(out[:, ids.shape[1]:])
-    width = max(p.shape[1] for p in pieces)
-    return torch.cat([nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+        recorder, chunk_processors = None, processors
+        if record_temperature is not None:
+            assert isinstance(processors[-1], InverseCDFSampler), "recording needs the sampler"
+            recorder = StepRecorder(lm, record_temperature)
+            chunk_processors = [recorder, *processors[:-1], InverseCDFSampler(on_sample=recorder.take)]
+        try:
+            with own_generation_defaults(lm):
+                out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config,
+                                  logits_processor=chunk_processors)
+        finally:
+            if recorder is not None:
+                recorder.remove()
+        pieces.append((out[:, ids.shape[1]:], *(recorder.result() if recorder is not None else ())))
+    width = max(p[0].shape[1] for p in pieces)
+
+    def cat(i: int, value) -> Tensor:  # right-pad each chunk's i-th tensor along its time axis (dim 1)
+        return torch.cat([nn.functional.pad(p[i], (0, 0) * (p[i].dim() - 2) + (0, width - p[i].shape[1]), value=value)
+                          for p in pieces])
+
+    if record_temperature is None:
+        return Sampled(cat(0, pad))
+    return Sampled(cat(0, pad), cat(1, 0.0), cat(2, 0.0), cat(3, 0.0))
 
 
 @torch.no_grad()
 def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
                  n_response: int, *, temperature: float, batch_size: int,
-                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Old logprobs, values, reference logprobs and entropies ``[B, T]`` of the response tokens, in chunks."""
+                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 sampled: Sampled | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Old logprobs, values, reference logprobs and entropies ``[B, T]`` of the response tokens, in chunks. With
+    ``sampled`` recorded while sampling, the policy's logprobs and entropies are taken from it and its values
+    from the recorded hidden states (a separate critic still runs), so only the reference model runs here."""
     logprobs, values, ref_logprobs, entropy = [], [], [], []
     tokens = input_ids[:, -n_response:]
     for s in range(0, input_ids.shape[0], batch_size):
         ids, mask, tok = input_ids[s:s + batch_size], attention_mask[s:s + batch_size], tokens[s:s + batch_size]
         with autocast():
-            logits, v = policy(ids, mask, n_response)
-            lp, h = algo.logprobs_and_entropy(logits, tok, temperature)
+            if sampled is None:
+                logits, v = policy(ids, mask, n_response)
+                lp, h = algo.logprobs_and_entropy(logits, tok, temperature)
+                del logits
+            else:
+                lp, h = sampled.logprobs[s:s + batch_size], sampled.entropy[s:s + batch_size]
+                v = (policy.value_head(sampled.hidden[s:s + batch_size]) if policy.critic is None
+                     else policy.critic_values(ids, mask, n_response))
             logprobs.append(lp)
             entropy.append(h)
             values.append(v.float())
-            del logits
             if ref is None:  # LoRA: the reference is the policy with adapters off
                 with policy.adapters_disabled() as base:
                     ref_logits, _ = lm_forward(base, ids, mask, n_response)
@@ -128,17 +230,29 @@ def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tens
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
 
 
-def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg, *, greedy: bool = False
-                     ) -> tuple[Tensor, Tensor, Tensor, list[str]]:
-    """Sample with the RolloutConfig ``cfg`` (or decode greedily): ``[B, T]`` response ids (pad after EOS), their
-    mask, whether each ended with EOS, and the decoded completions."""
+class Responses(NamedTuple):
+    """What :func:`sample_responses` returns: ``[B, T]`` response ids (pad after EOS) and their mask, ``[B]``
+    whether each ended with EOS, the decoded completions, and what was recorded while sampling."""
+
+    ids: Tensor
+    mask: Tensor
+    ended: Tensor
+    completions: list[str]
+    sampled: Sampled
+
+
+def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg, *, greedy: bool = False,
+                     record: bool = False) -> Responses:
+    """Sample with the RolloutConfig ``cfg`` (or decode greedily); ``record``: keep the logprobs, entropies and
+    hidden states of the sampled tokens (see :class:`StepRecorder`)."""
     gen = generation_config(tokenizer, cfg, greedy=greedy)
-    response_ids = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size)
-    response_mask, ended = response_mask_from_ids(response_ids, tokenizer.eos_token_id if cfg.stop_at_eos else None)
-    response_ids = response_ids.masked_fill(~response_mask, tokenizer.pad_token_id)
+    sampled = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size,
+                     record_temperature=cfg.temperature if record and not greedy else None)
+    response_mask, ended = response_mask_from_ids(sampled.ids, tokenizer.eos_token_id if cfg.stop_at_eos else None)
+    response_ids = sampled.ids.masked_fill(~response_mask, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],
                                          skip_special_tokens=True)
-    return response_ids, response_mask, ended, completions
+    return Responses(response_ids, response_mask, ended, completions, sampled)
 
 
 def _untimed(name: str) -> contextlib.AbstractContextManager:
@@ -156,15 +270,14 @@ def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_to
     was_training = policy.training
     policy.eval()
     with autocast(), timer("generate"):
-        response_ids, response_mask, ended, completions = sample_responses(policy.lm, tokenizer, prompt_ids,
-                                                                           prompt_mask, cfg)
-    input_ids = torch.cat([prompt_ids, response_ids], 1)
-    attention_mask = torch.cat([prompt_mask, response_mask], 1)
+        out = sample_responses(policy.lm, tokenizer, prompt_ids, prompt_mask, cfg, record=not cfg.recompute_logprobs)
+    input_ids = torch.cat([prompt_ids, out.ids], 1)
+    attention_mask = torch.cat([prompt_mask, out.mask], 1)
     logprobs, values, ref_logprobs, entropy = score_tokens(
-        policy, ref, input_ids, attention_mask.long(), response_ids.shape[1], temperature=cfg.temperature,
-        batch_size=forward_batch_size, autocast=autocast)
+        policy, ref, input_ids, attention_mask.long(), out.ids.shape[1], temperature=cfg.temperature,
+        batch_size=forward_batch_size, autocast=autocast, sampled=None if cfg.recompute_logprobs else out.sampled)
     policy.train(was_training)
-    m = response_mask.float()
-    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-                   response_mask=response_mask, logprobs=logprobs * m, ref_logprobs=ref_logprobs * m,
-                   values=values * m, entropy=entropy * m, ended_with_eos=ended, prompts=prompts, completions=completions, fields=fields)
+    m = out.mask.float()
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids, response_mask=out.mask,
+                   logprobs=logprobs * m, ref_logprobs=ref_logprobs * m, values=values * m, entropy=entropy * m,
+                   ended_with_eos=out.ended, prompts=prompts, completions=out.completions, fields=fields)
