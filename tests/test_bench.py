@@ -19,11 +19,13 @@ def test_model_flops_by_hand():
     # the reward model is taken to have the policy's trunk: one trunk pass per sequence
     trunk = (2 * n + 4 * 1 * seq * 8) * seq
     assert trunk == 9680
-    assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + 2 * fwd), "score": 2 * trunk}
-    assert flops["train"] == 61824 and flops["rollout"] == 53696 and gen == 6240
+    # rollout: generation (which also yields the policy's logprobs and values) + the reference forward
+    assert flops == {"train": 3 * fwd * 2 * 1, "rollout": 2 * (gen + fwd), "score": 2 * trunk}
+    assert flops["train"] == 61824 and flops["rollout"] == 33088 and gen == 6240
     # a separate critic adds one trunk pass (no LM head) per sequence: (2n + 4 L S d) S = (1776 + 160) * 5 = 9680
     with_critic = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1, critic=True)
-    assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + 2 * fwd + trunk), "score": 2 * trunk}
+    assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + fwd + trunk), "score": 2 * trunk}
+    assert with_critic["rollout"] == 52448
     # TRL's PPOTrainer: LM head on all 5 positions (2*8*13*5 = 1040), a value-model trunk in training; rollout =
     # generation + reference forward + value and reward trunks
     full = trunk + 1040

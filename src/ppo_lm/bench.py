@@ -139,9 +139,9 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
     """Matmul FLOPs of one ppo-lm PPO iteration, counted from the shapes (backward = 2 x forward):
 
     * the LM head runs only on the response positions (the prompt's logits are never computed);
-    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation plus the policy and
-      reference forwards over the full sequences; score: the reward model, taken to have the policy's trunk
-      (as in the benchmark);
+    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation (which also yields the
+      old logprobs and the value head's inputs) plus the reference forward over the full sequences; score: the
+      reward model, taken to have the policy's trunk (as in the benchmark);
     * ``critic``: a separate critic trunk of the same shape adds one trunk pass per sequence to the rollout and
       ``epochs`` x (forward + backward) to training.
     """
@@ -149,7 +149,7 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
     fwd_seq = f["trunk"] + f["head"] * new_tokens
     trunk_seq = f["trunk"] if critic else 0
     return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs,
-            "rollout": batch * (f["generate"] + 2 * fwd_seq + trunk_seq), "score": batch * f["trunk"]}
+            "rollout": batch * (f["generate"] + fwd_seq + trunk_seq), "score": batch * f["trunk"]}
 
 
 def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
