@@ -26,6 +26,9 @@ def test_model_flops_by_hand():
     with_critic = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1, critic=True)
     assert with_critic == {"train": 3 * (fwd + trunk) * 2, "rollout": 2 * (gen + fwd + trunk), "score": 2 * trunk}
     assert with_critic["rollout"] == 52448
+    # recomputing the old logprobs runs the policy over the full sequences once more
+    again = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1, recompute_logprobs=True)
+    assert again["rollout"] == 2 * (gen + 2 * fwd) == 53696
     # TRL's PPOTrainer: LM head on all 5 positions (2*8*13*5 = 1040), a value-model trunk in training; rollout =
     # generation + reference forward + value and reward trunks
     full = trunk + 1040

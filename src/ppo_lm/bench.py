@@ -78,14 +78,15 @@ def build_models(root: str, size: str) -> None:
 
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
-                 dtype: str = "float32", critic: bool = False, gradient_checkpointing: bool = False):
+                 dtype: str = "float32", critic: bool = False, gradient_checkpointing: bool = False,
+                 recompute_logprobs: bool = False):
     from .config import config_from_dict
 
     return config_from_dict({
         "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype,
                   "critic": "policy" if critic else None, "gradient_checkpointing": gradient_checkpointing},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
-                    "top_p": 1.0},
+                    "top_p": 1.0, "recompute_logprobs": recompute_logprobs},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
         "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0,
                 "gae_lambda": 0.95, "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1,
@@ -135,7 +136,8 @@ def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
             "seq": seq}
 
 
-def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False) -> dict:
+def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False,
+                recompute_logprobs: bool = False) -> dict:
     """Matmul FLOPs of one ppo-lm PPO iteration, counted from the shapes (backward = 2 x forward):
 
     * the LM head runs only on the response positions (the prompt's logits are never computed);
@@ -143,13 +145,15 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
       old logprobs and the value head's inputs) plus the reference forward over the full sequences; score: the
       reward model, taken to have the policy's trunk (as in the benchmark);
     * ``critic``: a separate critic trunk of the same shape adds one trunk pass per sequence to the rollout and
-      ``epochs`` x (forward + backward) to training.
+      ``epochs`` x (forward + backward) to training;
+    * ``recompute_logprobs``: the policy runs over the full sequences once more in the rollout.
     """
     f = _shape_flops(lm, prompt_len, new_tokens)
     fwd_seq = f["trunk"] + f["head"] * new_tokens
     trunk_seq = f["trunk"] if critic else 0
     return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs,
-            "rollout": batch * (f["generate"] + fwd_seq + trunk_seq), "score": batch * f["trunk"]}
+            "rollout": batch * (f["generate"] + (1 + recompute_logprobs) * fwd_seq + trunk_seq),
+            "score": batch * f["trunk"]}
 
 
 def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
@@ -171,7 +175,7 @@ def peak_rss_mib() -> float:
 
 
 def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no",
-        critic: bool = False, gradient_checkpointing: bool = False) -> dict:
+        critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False) -> dict:
     from .trainer import train
 
     iterations = max(2, iterations)
@@ -187,13 +191,14 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
             raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
                            dtype="bfloat16" if size == "qwen0.5b" else "float32", critic=critic,
-                           gradient_checkpointing=gradient_checkpointing)
+                           gradient_checkpointing=gradient_checkpointing, recompute_logprobs=recompute_logprobs)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
         base = result.policy.lm.get_base_model() if lora else result.policy.lm
-        flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic)
+        flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic,
+                            recompute_logprobs=recompute_logprobs)
         peer = peer_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
@@ -203,7 +208,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     tokens = 64 * 32
     out = {
         "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
-        "gradient_checkpointing": gradient_checkpointing,
+        "gradient_checkpointing": gradient_checkpointing, "recompute_logprobs": recompute_logprobs,
         "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
         "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),

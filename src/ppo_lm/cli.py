@@ -152,7 +152,8 @@ def cmd_bench(args) -> int:
     from . import bench
 
     bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision,
-              critic=args.critic, gradient_checkpointing=args.gradient_checkpointing)
+              critic=args.critic, gradient_checkpointing=args.gradient_checkpointing,
+              recompute_logprobs=args.recompute_logprobs)
     return 0
 
 
@@ -228,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a separate critic started from the policy's weights (like TRL's value model)")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time)")
+    b.add_argument("--recompute-logprobs", action="store_true",
+                   help="old logprobs and values from a second policy forward, not recorded while sampling")
     b.set_defaults(func=cmd_bench)
     return p
 

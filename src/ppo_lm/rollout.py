@@ -177,7 +177,8 @@ def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, c
         if record_temperature is not None:
             assert isinstance(processors[-1], InverseCDFSampler), "recording needs the sampler"
             recorder = StepRecorder(lm, record_temperature)
-            chunk_processors = [recorder, *processors[:-1], InverseCDFSampler(on_sample=recorder.take)]
+            chunk_processors = type(processors)([recorder, *processors[:-1],
+                                                 InverseCDFSampler(on_sample=recorder.take)])
         try:
             with own_generation_defaults(lm):
                 out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config,
