@@ -176,6 +176,7 @@ def peak_rss_mib() -> float:
 
 def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no",
         critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False) -> dict:
+    from .models import base_model
     from .trainer import train
 
     iterations = max(2, iterations)
@@ -196,7 +197,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
-        base = result.policy.lm.get_base_model() if lora else result.policy.lm
+        base = base_model(result.policy.lm)
         flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic,
                             recompute_logprobs=recompute_logprobs)
         peer = peer_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)

@@ -72,6 +72,11 @@ class PolicyWithValue(nn.Module):
             yield self.lm
 
 
+def base_model(lm: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper, or ``lm`` itself when it has none."""
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
 @functools.lru_cache(maxsize=None)
 def _logits_to_keep(model_class: type) -> str | None:
     """How a model class's forward takes ``logits_to_keep``: "positions" (an int or a tensor of positions, as
@@ -93,8 +98,7 @@ def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_respo
     kwargs = dict(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                   output_hidden_states=want_hidden)
-    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    keep = _logits_to_keep(type(base))
+    keep = _logits_to_keep(type(base_model(lm)))
     length = input_ids.shape[1]
     if keep == "positions":
         kwargs["logits_to_keep"] = torch.arange(length - n_response - 1, length - 1, device=input_ids.device)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algo
-from .models import PolicyWithValue, lm_forward
+from .models import PolicyWithValue, base_model, lm_forward
 from .types import Rollout
 
 
@@ -130,7 +130,7 @@ def own_generation_defaults(lm: nn.Module):
     sampling (the model's own config is put back, and saved with it, unchanged)."""
     from transformers import GenerationConfig
 
-    model = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    model = base_model(lm)
     saved = model.generation_config
     model.generation_config = GenerationConfig()
     try:
