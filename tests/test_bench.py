@@ -37,6 +37,34 @@ def test_model_flops_by_hand():
     assert trl == {"train": 122400, "rollout": 72640}
 
 
+
+def test_model_flops_by_hand_with_lora():
+    from peft import LoraConfig, get_peft_model
+
+    from ppo_lm.models import base_model
+
+    tok = toy.word_tokenizer("a b c d e f g h i j".split())  # 13 tokens
+    lm = get_peft_model(toy.gpt2(tok, n_layer=1, n_embd=8, n_head=2, n_positions=16),
+                        LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    lm = base_model(lm)
+    # adapters on c_attn (8 -> 24): A 2x8 + B 24x2 = 64 parameters; the 888 base trunk parameters and the tied
+    # head are frozen. Per token the forward runs all 952, the backward the input gradients of all 952 and the
+    # weight gradients of the 64; the frozen head only passes the gradient to its input.
+    prompt, new, seq = 2, 3, 5
+    weights, adapters, attention, head = 2 * 952 * seq, 2 * 64 * seq, 4 * 1 * seq * 8 * seq, 2 * 8 * 13 * new
+    forward = weights + attention + head
+    backward = weights + adapters + 2 * attention + head
+    assert (forward, backward) == (10944, 12384)
+    flops = model_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1)
+    # generation runs the adapters (sum over t of 2*952 + 4*(2+t)*8 + 208); the reference and the reward model are
+    # the base model: the 9680-FLOP trunk of the test above
+    gen = 3 * (2 * 952 + 208) + 32 * (2 + 3 + 4)
+    assert flops == {"train": 2 * (forward + backward), "rollout": 2 * (gen + 9680 + head), "score": 2 * 9680}
+    assert flops == {"train": 46656, "rollout": 33856, "score": 19360}
+    # TRL trains the whole model without adapters: the same count as without LoRA
+    assert peer_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1) == {"train": 122400,
+                                                                                   "rollout": 72640}
+
 def test_bench_prompts_match_the_peer_recipe():
     prompts = synthetic_prompts()
     assert len(prompts) == 256 and all(len(p.split()) == 16 for p in prompts)

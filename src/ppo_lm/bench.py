@@ -119,55 +119,75 @@ def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
 
     * ``trunk``: a forward of the whole sequence through the transformer: 2 N per token (N = parameters outside
       the embeddings) + 4 L S d for the attention scores and their weighted sum over a context of S tokens;
-    * ``head``: the LM head on one position, 2 d V;
+      ``weights`` and ``attention`` are its two terms;
+    * ``trained``: the part of ``weights`` whose weights get gradients (all of it, or the LoRA adapters' part when
+      the base weights are frozen), and ``adapters`` the adapters' part (0 without LoRA);
+    * ``head``: the LM head on one position, 2 d V (``head_trained``: whether its weight gets a gradient);
     * ``generate``: sampling the response one token at a time with a KV cache (the context grows).
     """
     cfg = lm.config
     d = cfg.hidden_size
     layers = cfg.num_hidden_layers
-    vocab = lm.get_output_embeddings().weight.shape[0]
-    embeddings = sum(m.weight.numel() for m in lm.modules() if isinstance(m, torch.nn.Embedding))
-    n_trunk = sum(p.numel() for p in lm.parameters()) - embeddings
-    if lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight:
-        n_trunk -= lm.get_output_embeddings().weight.numel()
+    head = lm.get_output_embeddings().weight
+    embeddings = {id(m.weight) for m in lm.modules() if isinstance(m, torch.nn.Embedding)} | {id(head)}
+    trunk = [p for p in lm.parameters() if id(p) not in embeddings]
+    n_trunk = sum(p.numel() for p in trunk)
+    n_trained = sum(p.numel() for p in trunk if p.requires_grad)
+    # Under LoRA the base weights are frozen and what trains is the adapters; with full fine-tuning nothing is.
+    n_adapters = n_trained if n_trained < n_trunk else 0
     seq = prompt_len + new_tokens
-    return {"trunk": (2 * n_trunk + 4 * layers * seq * d) * seq, "head": 2 * d * vocab,
-            "generate": sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * vocab for t in range(new_tokens)),
+    weights, attention = 2 * n_trunk * seq, 4 * layers * seq * d * seq
+    return {"trunk": weights + attention, "weights": weights, "attention": attention,
+            "trained": 2 * n_trained * seq, "adapters": 2 * n_adapters * seq,
+            "head": 2 * d * head.shape[0], "head_trained": head.requires_grad,
+            "generate": sum(2 * n_trunk + 4 * layers * (prompt_len + t) * d + 2 * d * head.shape[0]
+                            for t in range(new_tokens)),
             "seq": seq}
 
 
 def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = False,
                 recompute_logprobs: bool = False) -> dict:
-    """Matmul FLOPs of one ppo-lm PPO iteration, counted from the shapes (backward = 2 x forward):
+    """Matmul FLOPs of one ppo-lm PPO iteration, counted from the shapes:
 
     * the LM head runs only on the response positions (the prompt's logits are never computed);
-    * training: ``epochs`` x (forward + backward) over every sequence; rollout: generation (which also yields the
-      old logprobs and the value head's inputs) plus the reference forward over the full sequences; score: the
-      reward model, taken to have the policy's trunk (as in the benchmark);
-    * ``critic``: a separate critic trunk of the same shape adds one trunk pass per sequence to the rollout and
-      ``epochs`` x (forward + backward) to training;
+    * training: ``epochs`` x (forward + backward) over every sequence. The backward of a weight matmul is one
+      forward's worth for the input's gradient plus one for the weight's, the latter only where the weight trains
+      (so with full fine-tuning backward = 2 x forward; with LoRA the frozen base weights cost one forward's worth);
+      the attention matmuls have two inputs that need gradients (2 x);
+    * rollout: generation (which also yields the old logprobs and the value head's inputs) plus the reference
+      forward over the full sequences (without the LoRA adapters: the reference is the base model);
+    * score: the reward model, taken to have the policy's trunk without adapters (as in the benchmark);
+    * ``critic``: a separate critic trunk of the same shape, fully trained, adds one trunk pass per sequence to the
+      rollout and ``epochs`` x (forward + backward) to training;
     * ``recompute_logprobs``: the policy runs over the full sequences once more in the rollout.
     """
     f = _shape_flops(lm, prompt_len, new_tokens)
-    fwd_seq = f["trunk"] + f["head"] * new_tokens
-    trunk_seq = f["trunk"] if critic else 0
-    return {"train": 3 * (fwd_seq + trunk_seq) * batch * epochs,
-            "rollout": batch * (f["generate"] + (1 + recompute_logprobs) * fwd_seq + trunk_seq),
-            "score": batch * f["trunk"]}
+    head = f["head"] * new_tokens
+    forward = f["trunk"] + head
+    backward = f["weights"] + f["trained"] + 2 * f["attention"] + head * (1 + f["head_trained"])
+    base_trunk = f["trunk"] - f["adapters"]
+    critic_trunk = base_trunk if critic else 0
+    return {"train": (forward + backward + 3 * critic_trunk) * batch * epochs,
+            "rollout": batch * (f["generate"] + base_trunk + head + recompute_logprobs * forward + critic_trunk),
+            "score": batch * base_trunk}
 
 
 def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
-    """The same count for TRL 1.12.0's PPOTrainer on the same configuration, from how it computes:
+    """The same count for TRL 1.12.0's PPOTrainer on the same configuration (full fine-tuning of the model
+    without any adapters), from how it computes:
 
     * its forwards take the logits of every position (the LM head runs on the prompt too);
     * rollout: generation (the old logprobs come from the generation logits), the reference forward, and one
       trunk pass each of the separate value model and the reward model;
-    * training: ``epochs`` x (forward + backward) of the policy and of the value model (a second trunk).
+    * training: ``epochs`` x (forward + backward = 3 x forward) of the policy and of the value model (a second
+      trunk).
     """
     f = _shape_flops(lm, prompt_len, new_tokens)
-    full = f["trunk"] + f["head"] * f["seq"]
-    return {"train": 3 * (full + f["trunk"]) * batch * epochs,
-            "rollout": batch * (f["generate"] + full + 2 * f["trunk"])}
+    trunk = f["trunk"] - f["adapters"]
+    generate = f["generate"] - f["adapters"] // f["seq"] * new_tokens
+    full = trunk + f["head"] * f["seq"]
+    return {"train": 3 * (full + trunk) * batch * epochs,
+            "rollout": batch * (generate + full + 2 * trunk)}
 
 
 def peak_rss_mib() -> float:
