@@ -37,7 +37,6 @@ def test_model_flops_by_hand():
     assert trl == {"train": 122400, "rollout": 72640}
 
 
-
 def test_model_flops_by_hand_with_lora():
     from peft import LoraConfig, get_peft_model
 
@@ -64,6 +63,7 @@ def test_model_flops_by_hand_with_lora():
     # TRL trains the whole model without adapters: the same count as without LoRA
     assert peer_flops(lm, batch=2, prompt_len=prompt, new_tokens=new, epochs=1) == {"train": 122400,
                                                                                    "rollout": 72640}
+
 
 def test_bench_prompts_match_the_peer_recipe():
     prompts = synthetic_prompts()

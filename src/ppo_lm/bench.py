@@ -133,7 +133,8 @@ def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
     trunk = [p for p in lm.parameters() if id(p) not in embeddings]
     n_trunk = sum(p.numel() for p in trunk)
     n_trained = sum(p.numel() for p in trunk if p.requires_grad)
-    # Under LoRA the base weights are frozen and what trains is the adapters; with full fine-tuning nothing is.
+    # Under LoRA the base weights are frozen and what trains is the adapters; with full fine-tuning every trunk
+    # weight trains and there are no adapters.
     n_adapters = n_trained if n_trained < n_trunk else 0
     seq = prompt_len + new_tokens
     weights, attention = 2 * n_trunk * seq, 4 * layers * seq * d * seq
