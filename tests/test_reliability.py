@@ -17,10 +17,8 @@ from ppo_lm import algo, checkpoint as ckpt
 from ppo_lm.errors import TrainingDiverged, UserError
 from ppo_lm.trainer import train
 
-from conftest import prompt_records, tiny_config
+from conftest import prompt_records, tiny_config, without_timing
 from test_cli import ENV, ppo_lm
-
-TIMING = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
 
 
 def write_run(tmp_path: Path, model_dir: Path, name: str, iterations: int, extra: str = "") -> Path:
@@ -41,7 +39,7 @@ train: {{output_dir: {tmp_path / name}, iterations: {iterations}, progress: fals
 
 def metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return without_timing(rows)
 
 
 def popen(*args, cwd):

@@ -9,9 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ppo_lm.models import load_causal_lm, load_policy, make_reference
 from ppo_lm.trainer import train
 
-from conftest import prompt_records, tiny_config
-
-TIMING_KEYS = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
+from conftest import prompt_records, tiny_config, without_timing
 
 
 @pytest.mark.slow
@@ -38,7 +36,7 @@ def test_training_is_deterministic_on_cpu(tiny_model_dir, tmp_path):
     for name in ("a", "b"):
         cfg = tiny_config(tiny_model_dir, tmp_path / name, train={"iterations": 3, "save_final": False})
         result = train(cfg, records=prompt_records())
-        metrics = [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in result.metrics]
+        metrics = without_timing(result.metrics)
         for m in result.metrics:  # generation is timed inside the rollout and not counted twice
             assert 0 < m["time_generate_s"] < m["time_rollout_s"]
             assert m["time_iteration_s"] == pytest.approx(m["time_rollout_s"] + m["time_score_s"] + m["time_train_s"])
