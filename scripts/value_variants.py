@@ -46,7 +46,7 @@ def main() -> int:
 
     import ppo_lm.models as models
     from learning_parity import ppo_lm_config, story_prompts
-    from ppo_lm.config import _apply_override, config_from_dict  # the command line's override rules
+    from ppo_lm.config import apply_override, config_from_dict  # the command line's override rules
     from ppo_lm.trainer import train
 
     class Head(nn.Module):
@@ -81,7 +81,7 @@ def main() -> int:
             d = ppo_lm_config(tmp, a.iters, lr=a.lr, kl_coef=0.05, seed=seed, mixed_precision=a.mixed_precision,
                               value_lr=a.value_lr, critic=bool(a.critic_layers))
             for item in a.set:
-                _apply_override(d, item)
+                apply_override(d, item)
             metrics = train(config_from_dict(d), records=[{"prompt": p} for p in prompts]).metrics
         reward = [m["reward_mean"] for m in metrics]
         ev = [m["explained_variance"] for m in metrics]

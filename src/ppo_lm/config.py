@@ -398,7 +398,8 @@ def _compose(text: str, source: str) -> Any:
 # ----------------------------------------------------------------------------------------- overrides
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one command-line override ``key.path=value`` (the value read as YAML) to a raw config dict in place."""
     if "=" not in item:
         raise ConfigError(item, "override must look like key=value (e.g. ppo.lr=1e-5)", "command line")
     key, _, text = item.partition("=")
@@ -568,7 +569,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     schema = schema or Config
     raw = _with_defaults(dataclasses.asdict(schema()), raw)
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     cfg = _Builder(source).build(schema, raw, "", None)
     check = validate if schema is Config else validate_stage
     check(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths)

@@ -68,14 +68,14 @@ def _stage_config(path: str | None, field: str, source: str):
 
 
 def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> PipelineConfig:
-    from .config import _apply_override, _Builder, _compose  # the same YAML rules as every other config
+    from .config import apply_override, _Builder, _compose  # the same YAML rules as every other config
 
     text = Path(config_path).read_text(encoding="utf-8") if Path(config_path).is_file() else None
     if text is None:
         raise ConfigError("config", f"no such file: {config_path}", config_path)
     raw = _compose(text, config_path)
     for item in overrides:
-        _apply_override(raw, item)
+        apply_override(raw, item)
     p = _Builder(config_path).build(PipelineConfig, raw, "", None)
     if not p.ppo:
         raise ConfigError("ppo", "the pipeline needs a PPO stage config", config_path)
