@@ -9,9 +9,12 @@ Without it the script says so and exits 0. The peer's scaffolding is read from .
 (or PEER_DIR). Each run is a separate process, so peak RSS is per run. Results go to --out as JSON, with a
 plot of seconds per phase beside it.
 
-The peer's script runs TRL in fp32 (``bf16=False``, although PPOConfig defaults to ``bf16=True``).
-``--peer-bf16`` also runs it with ``bf16=True``, from a copy of the script that changes only that line, so that
-ppo-lm's bf16 rows can be set against TRL's own bf16.
+The peer's script runs TRL in fp32 on the CPU (``bf16=False``, although PPOConfig defaults to ``bf16=True``).
+``--peer-bf16`` also runs it with ``bf16=True``, so that ppo-lm's bf16 rows can be set against TRL's own bf16. The
+Qwen2-architecture sizes (``qwen-tiny``, ``qwen0.5b``) are not the peer's: their models come from
+``scripts/peer_models.py``. On a machine with a GPU, TRL runs on it in bf16 (``use_cpu=False``, ``bf16=True``)
+and also reports its peak GPU memory. Each of these runs a copy of the peer's script with those few edits (each
+a string that must occur exactly once in it, or the run stops), never the peer's folder itself.
 
 Besides the measured ratios, each row has ``flop_ratio``: the matmul FLOPs TRL's PPOTrainer spends on one iteration
 over ppo-lm's (``bench.peer_flops`` / ``bench.model_flops``). It is the speed-up either tool would get from doing
@@ -30,10 +33,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from ppo_lm.bench import QWEN_SHAPES, SHAPES, SIZES
+
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"fp32": [], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"], "lora-bf16": ["--lora", "--mixed-precision", "bf16"],
-         "critic": ["--critic"], "critic-bf16": ["--critic", "--mixed-precision", "bf16"],
-         "lora-gc": ["--lora", "--gradient-checkpointing"]}
+# ppo-lm's command-line flags for each mode; without --mixed-precision a run takes its size's default
+# (bench.default_mixed_precision: bf16 for qwen0.5b, fp32 for the others)
+MODES = {"fp32": ["--mixed-precision", "no"], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"],
+         "lora-bf16": ["--lora", "--mixed-precision", "bf16"], "critic": ["--critic"],
+         "critic-bf16": ["--critic", "--mixed-precision", "bf16"], "lora-gc": ["--lora", "--gradient-checkpointing"]}
 
 
 def last_json(text: str) -> dict:
@@ -52,15 +61,32 @@ def run(cmd: list[str], cwd: Path | None = None) -> dict:
     return last_json(proc.stdout)
 
 
-def peer_bf16(cmd: list[str], peer_dir: Path) -> dict:
-    """The peer's benchmark with ``bf16=True``: a copy of its folder whose script differs in that one line."""
-    with tempfile.TemporaryDirectory(prefix="trl-peer-bf16-") as tmp:
+def peer_patches(size: str, *, bf16: bool, gpu: bool) -> dict[str, str]:
+    """Edits of the peer's script (old text -> new text) for a size it does not know, bf16, and a GPU."""
+    patches = {}
+    if size not in ("tiny", "small"):  # the peer's own sizes
+        patches['choices=["tiny", "small"]'] = f'choices=["tiny", "small", "{size}"]'
+    if bf16 or gpu:
+        patches["bf16=False,"] = "bf16=True,"
+    if gpu:
+        patches["use_cpu=True,"] = "use_cpu=False,"
+        patches['"peak_rss_mib": '] = '"peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_rss_mib": '
+    return patches
+
+
+def run_peer(cmd: list[str], peer_dir: Path, patches: dict[str, str]) -> dict:
+    """The peer's benchmark; with ``patches``, from a copy of its folder whose script has those edits."""
+    if not patches:
+        return run(cmd, cwd=peer_dir)
+    with tempfile.TemporaryDirectory(prefix="trl-peer-") as tmp:
         shutil.copytree(peer_dir, tmp, dirs_exist_ok=True)
         script = Path(tmp, "bench_trl_ppo.py")
         text = script.read_text()
-        if text.count("bf16=False,") != 1:
-            raise RuntimeError(f"cannot switch the peer to bf16: expected one 'bf16=False,' in {script}")
-        script.write_text(text.replace("bf16=False,", "bf16=True,"))
+        for old, new in patches.items():
+            if text.count(old) != 1:
+                raise RuntimeError(f"cannot edit the peer's script: expected one {old!r} in {script}")
+            text = text.replace(old, new)
+        script.write_text(text)
         return run(cmd, cwd=Path(tmp))
 
 
@@ -73,7 +99,7 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(4.5 * len(results), 3.6), squeeze=False)
     for ax, res in zip(axes[0], results):
         names, rollout, train, other = [], [], [], []
-        for key, name in (("trl", "TRL fp32"), ("trl_bf16", "TRL bf16")):
+        for key, name in (("trl", f"TRL {res['trl_precision']}"), ("trl_bf16", "TRL bf16")):
             t = res.get(key)
             if t:
                 names.append(name)
@@ -97,11 +123,13 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", nargs="+", default=["tiny"], choices=["tiny", "small"])
+    ap.add_argument("--sizes", nargs="+", default=["tiny"], choices=SIZES)
     ap.add_argument("--modes", nargs="+", default=["fp32", "bf16", "lora"], choices=list(MODES))
-    ap.add_argument("--trl-iters", type=int, default=None, help="default: 5 for tiny, 3 for small (as results.md)")
+    ap.add_argument("--trl-iters", type=int, default=None,
+                    help="default: 5 for the tiny sizes, 3 for the others (as results.md)")
     ap.add_argument("--iters", type=int, default=None, help="ppo-lm iterations; default: same as TRL")
-    ap.add_argument("--peer-bf16", action="store_true", help="also run TRL with bf16=True (its PPOConfig default)")
+    ap.add_argument("--peer-bf16", action="store_true",
+                    help="also run TRL with bf16=True (its PPOConfig default; on a GPU it always runs so)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "perf" / "bench-compare.json"))
     a = ap.parse_args()
 
@@ -115,15 +143,19 @@ def main() -> int:
     if not (peer_dir / "bench_trl_ppo.py").exists():
         print(f"bench-compare skipped: no peer scaffolding in {peer_dir} (set PEER_DIR)")
         return 0
+    gpu = torch.cuda.is_available()
     models = Path(os.environ.get("TRL_PEER_MODELS", "/tmp/trl-peer/models"))
     results = []
     for size in a.sizes:
         if not (models / size / "policy").exists():
-            subprocess.run([str(peer_python), "make_models.py", str(models), "--size", size], cwd=peer_dir, check=True)
-        trl_iters = a.trl_iters or (5 if size == "tiny" else 3)
+            build = (["make_models.py", str(models), "--size", size] if size in SHAPES else
+                     [str(ROOT / "scripts" / "peer_models.py"), str(models), size, json.dumps(QWEN_SHAPES[size])])
+            subprocess.run([str(peer_python), *build], cwd=peer_dir, check=True)
+        trl_iters = a.trl_iters or (5 if size.endswith("tiny") else 3)
         trl_cmd = [str(peer_python), "bench_trl_ppo.py", "--models", str(models), "--size", size, "--iters", str(trl_iters)]
-        trl = run(trl_cmd, cwd=peer_dir)
-        trl_bf16 = peer_bf16(trl_cmd, peer_dir) if a.peer_bf16 else None
+        trl = run_peer(trl_cmd, peer_dir, peer_patches(size, bf16=False, gpu=gpu))
+        trl_bf16 = (run_peer(trl_cmd, peer_dir, peer_patches(size, bf16=True, gpu=gpu))
+                    if a.peer_bf16 and not gpu else None)
         ours = {}
         for mode in a.modes:
             ours[mode] = run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size,
@@ -137,9 +169,12 @@ def main() -> int:
                             "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
             if o.get("generate_s") and trl.get("generation_sec_median"):  # sampling alone, part of the rollout
                 ratios[mode]["generation_speedup_vs_trl"] = round(trl["generation_sec_median"] / o["generate_s"], 2)
+            if o.get("peak_gpu_mib") and trl.get("peak_gpu_mib"):
+                ratios[mode]["peak_gpu_vs_trl"] = round(o["peak_gpu_mib"] / trl["peak_gpu_mib"], 3)
             if trl_bf16:
                 ratios[mode]["speedup_vs_trl_bf16"] = round(trl_bf16["sec_per_iter_median"] / o["seconds_per_iteration"], 2)
-        results.append({"size": size, "trl": trl, "trl_bf16": trl_bf16, "ppo_lm": ours, "ratios": ratios})
+        results.append({"size": size, "trl_precision": "bf16" if gpu else "fp32", "trl": trl, "trl_bf16": trl_bf16,
+                        "ppo_lm": ours, "ratios": ratios})
         print(json.dumps({"size": size, "trl_s_per_iter": trl["sec_per_iter_median"],
                           "trl_bf16_s_per_iter": trl_bf16 and trl_bf16["sec_per_iter_median"],
                           "trl_peak_rss_mib": trl["peak_rss_mib"],

@@ -1,6 +1,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from ppo_lm import toy
 from ppo_lm.bench import model_flops, peer_flops, synthetic_prompts
 
@@ -80,8 +82,6 @@ def _load(path: Path, name: str):
 
 
 def test_bench_prompts_equal_the_peers_when_present():
-    import pytest
-
     from conftest import ASSETS
 
     path = ASSETS.parent / "peers" / "trl_ppo" / "make_models.py"
@@ -99,3 +99,84 @@ def test_learning_parity_statistics_by_hand():
     low, high = s["difference_95ci"]
     assert -0.2 <= low < -0.05 < high <= 0.1  # inside the extremes any resample can reach
     assert compare([0.5, 0.5], [0.6, 0.6])["difference_95ci"] == [0.1, 0.1]
+
+
+def _peer_dir() -> Path:
+    from conftest import ASSETS
+
+    peer = ASSETS.parent / "peers" / "trl_ppo"
+    if not (peer / "bench_trl_ppo.py").exists():
+        pytest.skip("../shared/peers/trl_ppo is not present")
+    return peer
+
+
+def test_peer_script_edits_each_match_once():
+    """bench_compare edits a copy of the peer's script for a Qwen2 size, bf16 and a GPU: every edit must find its
+    text exactly once in the real script, and the edited script must still be Python."""
+    compare = _load(Path(__file__).resolve().parents[1] / "scripts" / "bench_compare.py", "bench_compare")
+    text = (_peer_dir() / "bench_trl_ppo.py").read_text()
+    assert compare.peer_patches("tiny", bf16=False, gpu=False) == {}
+    assert set(compare.peer_patches("small", bf16=True, gpu=False)) == {"bf16=False,"}
+    patches = compare.peer_patches("qwen0.5b", bf16=False, gpu=True)
+    assert set(patches) == {'choices=["tiny", "small"]', "bf16=False,", "use_cpu=True,", '"peak_rss_mib": '}
+    for old, new in patches.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    compile(text, "bench_trl_ppo.py", "exec")
+    assert 'choices=["tiny", "small", "qwen0.5b"]' in text and "use_cpu=False," in text and "bf16=True," in text
+
+
+def test_peer_models_in_the_qwen2_architecture(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    shape = dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_models.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path), "qwen-test", json.dumps(shape)], cwd=_peer_dir(),
+                   check=True, capture_output=True)
+    root = tmp_path / "qwen-test"
+    policy = AutoModelForCausalLM.from_pretrained(root / "policy")
+    assert type(policy).__name__ == "Qwen2ForCausalLM" and policy.config.num_key_value_heads == 1
+    for name in ("value", "reward"):
+        model = AutoModelForSequenceClassification.from_pretrained(root / name)
+        assert type(model).__name__ == "Qwen2ForSequenceClassification" and model.config.num_labels == 1
+    tok = AutoTokenizer.from_pretrained(root / "tokenizer")
+    assert policy.config.pad_token_id == tok.pad_token_id
+    assert len(tok(synthetic_prompts()[0], add_special_tokens=False)["input_ids"]) == 16  # the peer's prompt length
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_in_the_qwen2_architecture():
+    """``ppo-lm bench --size qwen-tiny``: the path the GPU shape (qwen0.5b) takes, at tiny's size, on the CPU."""
+    from ppo_lm import bench
+
+    out = bench.run("qwen-tiny", iterations=2)
+    # by hand: embeddings 8192 x 256 (tied head); per layer q 256x256 + 256, k and v 256x128 + 128 each,
+    # o 256x256, SwiGLU 3 x 256 x 688, two RMSNorms 2 x 256; a final RMSNorm 256
+    layer = (65536 + 256) + 2 * (32768 + 128) + 65536 + 3 * 256 * 688 + 512
+    trunk = 4 * layer + 256
+    assert out["policy_params"] == 8192 * 256 + trunk == 5001472
+    # training: 4 epochs x 64 sequences x 3 x (trunk over 48 tokens + attention + the LM head on 32 positions)
+    train = 4 * 64 * 3 * (2 * trunk * 48 + 4 * 4 * 48 * 256 * 48 + 2 * 256 * 8192 * 32)
+    assert out["train_tflops"] == round(train / 1e12, 3) == 0.324
+    assert out["mixed_precision"] == "no" and out["iterations"] == 2 and len(out["iteration_s"]) == 2
+    assert 0 < out["generate_s"] <= out["rollout_s"]
+    assert out["rollout_s"] + out["score_s"] + out["train_s"] <= out["seconds_per_iteration"]
+    assert out["generated_tokens_per_s"] == pytest.approx(64 * 32 / out["generate_s"], rel=1e-3)
+    assert 0 < out["train_mfu_vs_fp32_peak"] < 2 and out["peak_rss_mib"] > 0
+
+
+def test_cli_offers_every_bench_size_and_its_default_precision():
+    from ppo_lm import bench, cli
+
+    parser = cli.build_parser()
+    for size in bench.SIZES:
+        args = parser.parse_args(["bench", "--size", size])
+        assert args.size == size and args.mixed_precision is None  # resolved by bench.default_mixed_precision
+    assert [bench.default_mixed_precision(s) for s in bench.SIZES] == ["no", "no", "no", "bf16"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--size", "huge"])

@@ -1,11 +1,12 @@
 """``ppo-lm bench``: time PPO iterations on the fixed configuration that ``../shared/peers/trl_ppo`` runs for
 TRL's PPOTrainer, so the two can be compared side by side.
 
-Configuration: random-init GPT-2 policy ("tiny": 4 layers, 256 hidden, vocab 8192; "small": the GPT-2 124M
-shape) with the value head on its trunk; reward = a random-init GPT-2 sequence classifier (1 label), as the
-peer; 64 prompts of 16 words per iteration from 256 fixed synthetic prompts; 32 new tokens, never stopping at
-EOS; 4 epochs x 4 minibatches; lr 1e-5, kl_coef 0.05 (k1), gamma 1, lambda 0.95, clip 0.2/0.2, vf_coef 0.1;
-fp32. The models are built in a child process so that their construction does not count in peak RSS.
+Configuration: a random-init policy ("tiny": a GPT-2 of 4 layers, 256 hidden, vocab 8192; "small": the GPT-2 124M
+shape; "qwen-tiny" and "qwen0.5b": the Qwen2 architecture, see ``QWEN_SHAPES``) with the value head on its trunk;
+reward = a random-init sequence classifier (1 label) of the same shape, as the peer; 64 prompts of 16 words per
+iteration from 256 fixed synthetic prompts; 32 new tokens, never stopping at EOS; 4 epochs x 4 minibatches; lr 1e-5,
+kl_coef 0.05 (k1), gamma 1, lambda 0.95, clip 0.2/0.2, vf_coef 0.1; fp32 weights (with bf16 autocast by default
+for "qwen0.5b"). The models are built in a child process so that their construction does not count in peak RSS.
 The last stdout line is one JSON object.
 """
 
@@ -40,9 +41,24 @@ SHAPES = {
     "tiny": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=8192, n_positions=128),
     "small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024),
 }
-# For a lent GPU: a 0.5B-parameter Qwen2-shaped model (Qwen2.5-0.5B's shape), random init, bf16 weights.
-QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+# The Qwen2 architecture (the Llama family: grouped-query attention, a SwiGLU MLP, RMSNorm, rotary positions; tied
+# embeddings). "qwen-tiny" is tiny's size in it (the SwiGLU width 688 gives the MLP tiny's parameter count,
+# 3 x 256 x 688 ~ 8 x 256^2), so that CPU runs compare the two architectures and check the path that "qwen0.5b"
+# (Qwen2.5-0.5B's shape, for a GPU) takes.
+QWEN_SHAPES = {
+    "qwen-tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True),
+    "qwen0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=1024,
+                     tie_word_embeddings=True),
+}
+SIZES = [*SHAPES, *QWEN_SHAPES]
+
+
+def default_mixed_precision(size: str) -> str:
+    """bf16 autocast for the GPU shape (as TRL's ``bf16=True``), fp32 for the others."""
+    return "bf16" if size == "qwen0.5b" else "no"
 
 
 def synthetic_prompts(n: int = 256, words_per_prompt: int = 16, seed: int = 1234) -> list[str]:
@@ -59,15 +75,17 @@ def build_models(root: str, size: str) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tok = toy.word_tokenizer(WORDS)
     ids = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if size == "qwen0.5b":
+    if size in QWEN_SHAPES:
         from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 
+        shape = QWEN_SHAPES[size]
         torch.manual_seed(1)
-        policy = Qwen2ForCausalLM(Qwen2Config(**QWEN_05B, **ids)).to(torch.bfloat16)
+        policy = Qwen2ForCausalLM(Qwen2Config(**shape, **ids))
+        policy.generation_config.pad_token_id = tok.pad_token_id
         toy.save_model(policy, tok, Path(root) / "policy")
         torch.manual_seed(3)
-        reward = Qwen2ForSequenceClassification(Qwen2Config(**QWEN_05B, num_labels=1, **ids)).to(torch.bfloat16)
-        toy.save_model(reward, tok, Path(root) / "reward")
+        toy.save_model(Qwen2ForSequenceClassification(Qwen2Config(**shape, num_labels=1, **ids)), tok,
+                       Path(root) / "reward")
         return
     shape = dict(SHAPES[size])
     policy = toy.gpt2(tok, seed=1, **shape)
@@ -78,12 +96,11 @@ def build_models(root: str, size: str) -> None:
 
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
-                 dtype: str = "float32", critic: bool = False, gradient_checkpointing: bool = False,
-                 recompute_logprobs: bool = False):
+                 critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False):
     from .config import config_from_dict
 
     return config_from_dict({
-        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": dtype,
+        "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": "float32",
                   "critic": "policy" if critic else None, "gradient_checkpointing": gradient_checkpointing},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0, "recompute_logprobs": recompute_logprobs},
@@ -195,15 +212,19 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str = "no",
+def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str | None = None,
         critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False) -> dict:
+    """Time ``iterations`` PPO iterations of the benchmark configuration; print and return the JSON record.
+    ``mixed_precision`` None: :func:`default_mixed_precision`."""
     from .models import base_model
     from .trainer import train
 
     iterations = max(2, iterations)
+    mixed_precision = mixed_precision or default_mixed_precision(size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16))
-    peaks = {name: matmul_peak_flops(dtype, device) for name, dtype in dtypes}
+    n = 2048 if device == "cpu" else 8192  # a GPU needs the larger product to reach its peak
+    peaks = {name: matmul_peak_flops(dtype, device, n=n) for name, dtype in dtypes}
     with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(target=build_models, args=(tmp, size))
@@ -212,8 +233,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         if proc.exitcode != 0:
             raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
-                           dtype="bfloat16" if size == "qwen0.5b" else "float32", critic=critic,
-                           gradient_checkpointing=gradient_checkpointing, recompute_logprobs=recompute_logprobs)
+                           critic=critic, gradient_checkpointing=gradient_checkpointing,
+                           recompute_logprobs=recompute_logprobs)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
@@ -224,7 +245,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         peer = peer_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
-    peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device)) for name, dtype in dtypes}
+    peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device, n=n)) for name, dtype in dtypes}
     rows = result.metrics[1:]  # iteration 1 is warm-up
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
@@ -237,6 +258,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "generate_s": med("time_generate_s"), "score_s": med("time_score_s"), "train_s": med("time_train_s"),
         "tokens_per_s": round(tokens / med("time_iteration_s"), 1),
         "rollout_tokens_per_s": round(tokens / med("time_rollout_s"), 1),
+        "generated_tokens_per_s": round(tokens / med("time_generate_s"), 1),
         "peak_rss_mib": round(peak_rss, 1),
         "train_tflops": round(flops["train"] / 1e12, 3),
         "train_gflops_per_s": round(flops["train"] / med("time_train_s") / 1e9, 1),

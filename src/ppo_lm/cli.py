@@ -220,11 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="time PPO iterations on a fixed configuration; prints one JSON line")
-    b.add_argument("--size", choices=["tiny", "small", "qwen0.5b"], default="tiny",
-                   help="tiny: 4x256 GPT-2; small: GPT-2 124M shape; qwen0.5b: 0.5B Qwen2 shape in bf16 (for a GPU)")
+    b.add_argument("--size", choices=["tiny", "small", "qwen-tiny", "qwen0.5b"], default="tiny",
+                   help="tiny: 4x256 GPT-2; small: GPT-2 124M shape; qwen-tiny: tiny's size in the Qwen2 "
+                        "architecture; qwen0.5b: Qwen2.5-0.5B's shape (for a GPU)")
     b.add_argument("--iterations", type=int, default=4, help="iterations; the first is warm-up")
     b.add_argument("--lora", action="store_true", help="train LoRA adapters (reference = adapters off)")
-    b.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    b.add_argument("--mixed-precision", choices=["no", "bf16"], default=None,
+                   help="bf16 autocast over fp32 weights; default: bf16 for qwen0.5b, no for the others")
     b.add_argument("--critic", action="store_true",
                    help="a separate critic started from the policy's weights (like TRL's value model)")
     b.add_argument("--gradient-checkpointing", action="store_true",
