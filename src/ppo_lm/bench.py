@@ -225,6 +225,9 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     dtypes = (("fp32", torch.float32), ("bf16", torch.bfloat16))
     n = 2048 if device == "cpu" else 8192  # a GPU needs the larger product to reach its peak
     peaks = {name: matmul_peak_flops(dtype, device, n=n) for name, dtype in dtypes}
+    if device == "cuda":  # the peak GPU memory is the run's, not the matmuls' above
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
         ctx = multiprocessing.get_context("spawn")
         proc = ctx.Process(target=build_models, args=(tmp, size))
@@ -238,6 +241,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
+        peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
         base = base_model(result.policy.lm)
         flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic,
@@ -273,7 +277,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
-        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device == "cuda" else None,
+        "peak_gpu_mib": peak_gpu and round(peak_gpu, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
