@@ -165,7 +165,8 @@ def test_bench_runs_end_to_end_in_the_qwen2_architecture():
     assert out["train_tflops"] == round(train / 1e12, 3) == 0.324
     assert out["mixed_precision"] == "no" and out["iterations"] == 2 and len(out["iteration_s"]) == 2
     assert 0 < out["generate_s"] <= out["rollout_s"]
-    assert out["rollout_s"] + out["score_s"] + out["train_s"] <= out["seconds_per_iteration"]
+    # the phases lie inside the iteration (each figure is rounded to 0.1 ms)
+    assert out["rollout_s"] + out["score_s"] + out["train_s"] <= out["seconds_per_iteration"] + 3e-4
     assert out["generated_tokens_per_s"] == pytest.approx(64 * 32 / out["generate_s"], rel=1e-3)
     assert 0 < out["train_mfu_vs_fp32_peak"] < 2 and out["peak_rss_mib"] > 0
 
