@@ -174,3 +174,23 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
     assert again.stderr.count("skipped") == 3
     bad = ppo_lm("pipeline", tmp_path / "pipe.yaml", "ppo=missing.yaml", cwd=tmp_path)
     assert bad.returncode == 2 and "ppo: no such file: missing.yaml" in bad.stderr
+
+
+def test_pipeline_config_errors_name_the_field_file_and_line(tmp_path):
+    from ppo_lm.errors import ConfigError
+    from ppo_lm.pipeline import load_pipeline_config
+
+    path = tmp_path / "pipe.yaml"
+    path.write_text("output_dir: runs/p\nppo: ppo.yaml\nreward_modle: rm.yaml\n")
+    with pytest.raises(ConfigError, match=r"pipe\.yaml:3: reward_modle: unknown key \(did you mean 'reward_model'\?\)"):
+        load_pipeline_config(str(path))
+    path.write_text("- ppo.yaml\n")
+    with pytest.raises(ConfigError, match=r"pipe\.yaml:1: \(top level\): expected a mapping"):
+        load_pipeline_config(str(path))
+    path.write_text("output_dir: runs/p\n")
+    with pytest.raises(ConfigError, match=r"pipe\.yaml: ppo: the pipeline needs a PPO stage config"):
+        load_pipeline_config(str(path))
+    with pytest.raises(ConfigError, match=r"no such file"):
+        load_pipeline_config(str(tmp_path / "missing.yaml"))
+    path.write_text("ppo: ppo.yaml\n")
+    assert load_pipeline_config(str(path), ["reward_model_weight=0.5"]).reward_model_weight == 0.5

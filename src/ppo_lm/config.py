@@ -576,6 +576,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+def read_config(schema: type, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """``schema`` (a config dataclass) from the YAML file at ``path`` with ``key=value`` overrides applied: the same
+    YAML rules and the same errors (field, file and line) for unknown keys and wrong types as every config, and no
+    other checks (the caller validates what its schema means)."""
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError("config", f"no such file: {path}", source)
+    raw = _compose(Path(path).read_text(encoding="utf-8"), source)
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+    for item in overrides:
+        apply_override(raw, item)
+    return _Builder(source).build(schema, raw, "", None)
+
+
 def _with_defaults(defaults: Any, raw: Any) -> Any:
     """``raw`` with every section and field it leaves out filled from ``defaults`` (so overrides can reach into
     default lists such as ``reward.sources.0``). Lists in ``raw`` replace the default list whole."""

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import RewardModelConfig, SFTConfig, load_config
+from .config import RewardModelConfig, SFTConfig, load_config, read_config
 from .errors import ConfigError
 
 
@@ -68,15 +68,7 @@ def _stage_config(path: str | None, field: str, source: str):
 
 
 def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> PipelineConfig:
-    from .config import apply_override, _Builder, _compose  # the same YAML rules as every other config
-
-    text = Path(config_path).read_text(encoding="utf-8") if Path(config_path).is_file() else None
-    if text is None:
-        raise ConfigError("config", f"no such file: {config_path}", config_path)
-    raw = _compose(text, config_path)
-    for item in overrides:
-        apply_override(raw, item)
-    p = _Builder(config_path).build(PipelineConfig, raw, "", None)
+    p = read_config(PipelineConfig, config_path, overrides)
     if not p.ppo:
         raise ConfigError("ppo", "the pipeline needs a PPO stage config", config_path)
     if p.task is not None:
