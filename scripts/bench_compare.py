@@ -35,9 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ppo_lm.bench import QWEN_SHAPES, SHAPES, SIZES
+from ppo_lm.bench import QWEN_SHAPES, SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
+PEER_SIZES = ("tiny", "small")  # the sizes the peer's scaffolding builds and runs itself (bench.SHAPES)
 # ppo-lm's command-line flags for each mode; without --mixed-precision a run takes its size's default
 # (bench.default_mixed_precision: bf16 for qwen0.5b, fp32 for the others)
 MODES = {"fp32": ["--mixed-precision", "no"], "bf16": ["--mixed-precision", "bf16"], "lora": ["--lora"],
@@ -64,7 +65,7 @@ def run(cmd: list[str], cwd: Path | None = None) -> dict:
 def peer_patches(size: str, *, bf16: bool, gpu: bool) -> dict[str, str]:
     """Edits of the peer's script (old text -> new text) for a size it does not know, bf16, and a GPU."""
     patches = {}
-    if size not in ("tiny", "small"):  # the peer's own sizes
+    if size not in PEER_SIZES:
         patches['choices=["tiny", "small"]'] = f'choices=["tiny", "small", "{size}"]'
     if bf16 or gpu:
         patches["bf16=False,"] = "bf16=True,"
@@ -148,7 +149,7 @@ def main() -> int:
     results = []
     for size in a.sizes:
         if not (models / size / "policy").exists():
-            build = (["make_models.py", str(models), "--size", size] if size in SHAPES else
+            build = (["make_models.py", str(models), "--size", size] if size in PEER_SIZES else
                      [str(ROOT / "scripts" / "peer_models.py"), str(models), size, json.dumps(QWEN_SHAPES[size])])
             subprocess.run([str(peer_python), *build], cwd=peer_dir, check=True)
         trl_iters = a.trl_iters or (5 if size.endswith("tiny") else 3)

@@ -82,12 +82,7 @@ def _load(path: Path, name: str):
 
 
 def test_bench_prompts_equal_the_peers_when_present():
-    from conftest import ASSETS
-
-    path = ASSETS.parent / "peers" / "trl_ppo" / "make_models.py"
-    if not path.exists():
-        pytest.skip("../shared/peers/trl_ppo is not present")
-    assert _load(path, "peer_make_models").synthetic_prompts() == synthetic_prompts()
+    assert _load(_peer_dir() / "make_models.py", "peer_make_models").synthetic_prompts() == synthetic_prompts()
 
 
 def test_learning_parity_statistics_by_hand():

@@ -560,12 +560,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: Any = _Located()
     raw.lines = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError("config", f"no such file: {p}", str(p))
-        raw = _compose(p.read_text(encoding="utf-8"), source)
-        if not isinstance(raw, dict):
-            raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+        raw = _read_yaml(path)
     schema = schema or Config
     raw = _with_defaults(dataclasses.asdict(schema()), raw)
     for item in overrides:
@@ -580,15 +575,21 @@ def read_config(schema: type, path: str | Path, overrides: list[str] | tuple[str
     """``schema`` (a config dataclass) from the YAML file at ``path`` with ``key=value`` overrides applied: the same
     YAML rules and the same errors (field, file and line) for unknown keys and wrong types as every config, and no
     other checks (the caller validates what its schema means)."""
-    source = str(path)
-    if not Path(path).is_file():
-        raise ConfigError("config", f"no such file: {path}", source)
-    raw = _compose(Path(path).read_text(encoding="utf-8"), source)
-    if not isinstance(raw, dict):
-        raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+    raw = _read_yaml(path)
     for item in overrides:
         apply_override(raw, item)
-    return _Builder(source).build(schema, raw, "", None)
+    return _Builder(str(path)).build(schema, raw, "", None)
+
+
+def _read_yaml(path: str | Path) -> _Located:
+    """The mapping of sections in the YAML file at ``path``, each key with its line."""
+    p, source = Path(path), str(path)
+    if not p.is_file():
+        raise ConfigError("config", f"no such file: {p}", str(p))
+    raw = _compose(p.read_text(encoding="utf-8"), source)
+    if not isinstance(raw, dict):
+        raise ConfigError("(top level)", f"expected a mapping of sections, got {_describe(raw)}", source, 1)
+    return raw
 
 
 def _with_defaults(defaults: Any, raw: Any) -> Any:
