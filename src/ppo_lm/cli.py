@@ -129,9 +129,10 @@ def cmd_generate(args) -> int:
     _quiet_libraries()
     import torch
 
-    from .models import load_causal_lm, load_tokenizer
+    from .models import check_causal_lm, load_causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, notice=lambda m: print(m, file=sys.stderr))
+    check_causal_lm(args.model, "model")
+    tokenizer = load_tokenizer(args.model, notice=lambda m: print(m, file=sys.stderr), field="model")
     model = load_causal_lm(args.model, field="model")
     model.eval()
     torch.manual_seed(args.seed)

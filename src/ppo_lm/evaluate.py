@@ -20,7 +20,7 @@ from . import algo, tasks
 from .config import Config
 from .data import build_prompt_dataset, load_records
 from .errors import UserError
-from .models import lm_forward, load_causal_lm, load_tokenizer
+from .models import check_causal_lm, lm_forward, load_causal_lm, load_tokenizer
 from .rewards import build_reward
 from .rollout import left_pad, sample_responses
 
@@ -44,7 +44,11 @@ def task_metrics(cfg: Config, completions: list[str], fields: dict[str, list]) -
 @torch.no_grad()
 def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limit: int | None = None,
              seed: int = 0, batch_size: int = 32, greedy: bool = False, notice=lambda message: None) -> dict:
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, notice=lambda m: None)
+    check_causal_lm(model_path, "--model")
+    if reference is not None:
+        check_causal_lm(reference, "--reference")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, notice=lambda m: None,
+                               field="model.tokenizer" if cfg.model.tokenizer else "--model")
     records = load_records(cfg.data.path, cfg.data.split)
     records = records[:limit] if limit else records
     dataset = build_prompt_dataset(records, tokenizer, cfg.data, warn=notice)
@@ -109,6 +113,8 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
 def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, seed: int = 0,
             greedy: bool = False, notice=lambda message: None) -> dict:
     """Both models on the same prompts and seed; KL and perplexity are measured against ``before``."""
+    check_causal_lm(before, "--compare BEFORE")
+    check_causal_lm(after, "--compare AFTER")
     a = evaluate(cfg, before, reference=before, limit=limit, seed=seed, greedy=greedy, notice=notice)
     b = evaluate(cfg, after, reference=before, limit=limit, seed=seed, greedy=greedy)
     keys = [k for k in a if isinstance(a[k], float) and k in b]

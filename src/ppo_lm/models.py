@@ -12,6 +12,8 @@ import contextlib
 import copy
 import functools
 import inspect
+import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -147,6 +149,97 @@ def _no_dropout_config(config):
     return config
 
 
+#: The files a transformers folder may keep its weights in, in the order transformers prefers them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+#: A folder with none of these has no tokenizer (transformers would build an empty one from config.json alone).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+
+
+def check_model_files(name_or_path: str, field: str) -> None:
+    """A local model folder is usable before any weights are read: ``config.json`` is a JSON object and every
+    weight file is there and whole (a safetensors file's header must describe exactly the bytes it has; a
+    PyTorch zip must pass its CRC check). A hub name passes (it is checked when it is fetched)."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a transformers model folder", field)
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(f"{config} is missing: a transformers model folder has a config.json", field)
+    try:
+        data = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{config} is not valid JSON ({e})", field) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config} must hold a JSON object, not {type(data).__name__}", field)
+    for weights in _weight_files(path, field):
+        if weights.suffix == ".safetensors":
+            _check_safetensors(weights, field)
+        else:
+            _check_torch_zip(weights, field)
+
+
+def _weight_files(folder: Path, field: str) -> list[Path]:
+    name = next((n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if name is None:
+        raise UserError(f"{folder} has no weights (none of {', '.join(WEIGHT_FILES)})", field)
+    if not name.endswith(".index.json"):
+        return [folder / name]
+    index = folder / name
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index} is not a valid weight index (a JSON object with a weight_map)", field) from None
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise UserError(f"{folder / missing[0]} is missing ({len(missing)} of the {len(shards)} shards that {name} "
+                        "names)", field)
+    return [folder / s for s in shards]
+
+
+def _check_safetensors(file: Path, field: str) -> None:
+    """The safetensors layout: an 8-byte little-endian header size, a JSON header, then the tensors' bytes,
+    whose offsets the header gives."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise UserError(f"{file} is truncated or not a safetensors file ({size} bytes)", field)
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError, IndexError):
+            raise UserError(f"{file} is corrupt: its header is not a valid safetensors header", field) from None
+    if 8 + n + end != size:
+        raise UserError(f"{file} is truncated or damaged: its header describes {8 + n + end} bytes, the file has "
+                        f"{size}", field)
+
+
+def _check_torch_zip(file: Path, field: str) -> None:
+    try:
+        with zipfile.ZipFile(file) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError):
+        raise UserError(f"{file} is truncated or not a PyTorch checkpoint (not a readable zip archive)", field) from None
+    if bad is not None:
+        raise UserError(f"{file} is corrupt: its member {bad} fails its CRC check", field)
+
+
+def from_pretrained(auto_class, name_or_path: str, *, field: str, **kwargs):
+    """``auto_class.from_pretrained`` with the ways a checked folder can still fail to load (a tensor of the
+    wrong shape, a damaged tensor) reported as one line naming the folder."""
+    from safetensors import SafetensorError
+
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the model weights in {name_or_path!r}: {first}", field) from None
+
+
 def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remote_code: bool):
     """Load a transformers config and check that it is of the expected kind (``causal`` or ``classifier``),
     before any weights are read."""
@@ -154,6 +247,7 @@ def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remot
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
+    check_model_files(name_or_path, field)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -170,15 +264,27 @@ def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remot
     return config
 
 
-def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice=print):
+def check_causal_lm(name_or_path: str, field: str, *, trust_remote_code: bool = False) -> None:
+    """The folder holds a loadable causal LM (files whole, config of a causal-LM kind); no weights are read."""
+    load_config_checked(name_or_path, kind="causal", field=field, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice=print,
+                   field: str = "model.tokenizer"):
     """Tokenizer with a pad token (EOS is reused, with a notice, when there is none) and left padding."""
     from transformers import AutoTokenizer
 
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})", field)
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}",
-                        "model.tokenizer") from None
+    except Exception as e:  # noqa: BLE001 - tokenizers raises bare Exceptions for a damaged tokenizer.json
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {type(e).__name__}: {first}", field) from None
+    if len(tok) < 2:
+        raise UserError(f"the tokenizer in {name_or_path!r} has {len(tok)} token(s): its vocabulary files are missing",
+                        field)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(f"tokenizer {name_or_path!r} has neither a pad nor an EOS token", "model.tokenizer")
@@ -194,8 +300,8 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
 
     config = _no_dropout_config(load_config_checked(name_or_path, kind="causal", field=field,
                                                     trust_remote_code=trust_remote_code))
-    lm = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=DTYPES[dtype],
-                                              trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
+    lm = from_pretrained(AutoModelForCausalLM, name_or_path, field=field, config=config, dtype=DTYPES[dtype],
+                         trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
     prepare_model(lm)
     return lm
 
@@ -243,8 +349,8 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
         path = model_cfg.name_or_path if model_cfg.critic == "policy" else model_cfg.critic
         config = _no_dropout_config(load_config_checked(path, kind="causal", field="model.critic",
                                                         trust_remote_code=model_cfg.trust_remote_code))
-        critic = AutoModel.from_pretrained(path, config=config, dtype=DTYPES[model_cfg.dtype],
-                                           trust_remote_code=model_cfg.trust_remote_code)
+        critic = from_pretrained(AutoModel, path, field="model.critic", config=config, dtype=DTYPES[model_cfg.dtype],
+                                 trust_remote_code=model_cfg.trust_remote_code, use_safetensors=_safetensors(path))
         prepare_model(critic)
         hidden_size = config.hidden_size
     head = ValueHead(hidden_size, model_cfg.value_head_init_std)

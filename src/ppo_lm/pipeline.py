@@ -19,6 +19,7 @@ ppo: examples/x_ppo.yaml            # required
 eval_data: runs/data/qa/heldout.jsonl  # prompts for the before/after (null = the PPO prompts)
 eval_limit: 64                      # use only the first N of them (null = all)
 eval_greedy: false                  # greedy decoding in the evaluation (true for accuracy-style tasks)
+seed: null                          # set train.seed of every stage (null = each stage config's own)
 ```
 """
 
@@ -59,6 +60,8 @@ class PipelineConfig:
     eval_limit: int | None = 64
     #: Decode greedily in the evaluation (sampled with the PPO rollout settings otherwise).
     eval_greedy: bool = False
+    #: Seed of every stage (train.seed of SFT, reward model and PPO); null = each stage config's own.
+    seed: int | None = None
 
 
 def _stage_config(path: str | None, field: str, source: str):
@@ -97,15 +100,16 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
     root = Path(p.output_dir)
     stages: dict = {"root": root, "pipeline": p}
     sft_final = root / "sft" / "final"
+    seeded = [] if p.seed is None else [f"train.seed={p.seed}"]
     if _stage_config(p.sft, "sft", config_path):
-        stages["sft"] = load_config(p.sft, [f"train.output_dir={root / 'sft'}"], schema=SFTConfig)
+        stages["sft"] = load_config(p.sft, [f"train.output_dir={root / 'sft'}", *seeded], schema=SFTConfig)
     policy = str(sft_final) if "sft" in stages else None
     if _stage_config(p.reward_model, "reward_model", config_path):
-        rm_over = [f"train.output_dir={root / 'reward_model'}"]
+        rm_over = [f"train.output_dir={root / 'reward_model'}", *seeded]
         rm = load_config(p.reward_model, rm_over, schema=RewardModelConfig, check_paths=policy is None)
         stages["reward_model"] = rm
     _stage_config(p.ppo, "ppo", config_path)
-    ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto"]
+    ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto", *seeded]
     if policy:
         ppo_over.append(f"model.name_or_path={policy}")
     ppo = load_config(p.ppo, ppo_over, check_paths=policy is None)
@@ -125,6 +129,35 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
     return stages
 
 
+def check_models(stages: dict) -> None:
+    """The models that exist before the pipeline starts (those its stages do not write) are checked from their
+    files, tokenizers included, so that a damaged one stops the pipeline before its first stage."""
+    from .models import load_config_checked, load_tokenizer
+    from .reward_model import is_classifier
+
+    root: Path = stages["root"]
+    written = {str(root / "sft" / "final"), str(root / "reward_model" / "final")}
+    found: list[tuple[str, str, str, bool]] = []  # (path, kind, field, trust_remote_code)
+    if "sft" in stages:
+        m = stages["sft"].model
+        found.append((m.name_or_path, "causal", "sft: model.name_or_path", m.trust_remote_code))
+    if "reward_model" in stages:
+        m = stages["reward_model"].model
+        kind = "classifier" if is_classifier(m.name_or_path) else "causal"
+        found.append((m.name_or_path, kind, "reward_model: model.name_or_path", m.trust_remote_code))
+    m = stages["ppo"].model
+    found.append((m.name_or_path, "causal", "ppo: model.name_or_path", m.trust_remote_code))
+    if m.critic and m.critic != "policy":
+        found.append((m.critic, "causal", "ppo: model.critic", m.trust_remote_code))
+    found += [(s.path, "classifier", f"ppo: reward.sources.{i}.path", m.trust_remote_code)
+              for i, s in enumerate(stages["ppo"].reward.sources) if s.type == "model"]
+    for path, kind, field, trust in found:
+        if path in written:
+            continue
+        load_config_checked(path, kind=kind, field=field, trust_remote_code=trust)
+        load_tokenizer(path, notice=lambda _m: None, field=field, trust_remote_code=trust)
+
+
 def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from rich.console import Console
 
@@ -137,6 +170,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     if p.task:
         prepare_data(p, console)
     stages = plan(config_path, p)
+    check_models(stages)
     root: Path = stages["root"]
     done = lambda name: (root / name / "summary.json").exists()  # noqa: E731
     summary: dict = {"seconds": {}}

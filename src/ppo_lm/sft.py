@@ -19,7 +19,7 @@ import torch
 from .config import OptimConfig, SFTConfig, StageRunConfig
 from .data import format_prompt, load_records, use_chat_template
 from .errors import UserError
-from .models import apply_lora, load_causal_lm, load_tokenizer, save_merged
+from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding), as torch's cross_entropy expects
@@ -119,8 +119,10 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
+    check_causal_lm(cfg.model.name_or_path, "model.name_or_path", trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print)
+                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
+                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     tokenizer.padding_side = "right"
     records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
     if not records:
