@@ -100,3 +100,12 @@ def test_required_model_and_bad_override(tmp_path):
 def test_reliability_settings_are_range_checked(tmp_path, override, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         load_config(write(tmp_path, GOOD), [override], check_paths=False)
+
+
+def test_bare_on_and_off_are_the_words_not_booleans(tmp_path):
+    """YAML 1.1 reads `chat_template: on` as True; a field whose choices are on/off takes it as the word."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {path: d.jsonl, chat_template: on}\n"
+                    "reward: {sources: [{type: keyword, words: [a]}]}\n")
+    assert load_config(path, check_paths=False).data.chat_template == "on"
+    assert load_config(path, ["data.chat_template=off"], check_paths=False).data.chat_template == "off"

@@ -337,6 +337,9 @@ class RMDataConfig:
     num_labels: int = 2
     #: Texts are cut to this many tokens (from the left, so the end of a dialogue is kept).
     max_length: int = 512
+    #: pairwise: read (prompt, completion) as a user/assistant exchange in the tokenizer's chat template: "auto"
+    #: (when it has one), "on" or "off". Saved with the model, so PPO scores completions the same way.
+    chat_template: Literal["auto", "on", "off"] = "auto"
     #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy).
     eval_fraction: float = 0.1
 
@@ -494,6 +497,8 @@ class _Builder:
                 raise errors[0]
             raise _error(dotted, f"expected {_type_name(tp)}, got {_describe(value)}", self.source, line)
         if origin is Literal:
+            if isinstance(value, bool) and {"on", "off"} <= set(args):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
             if value not in args:
                 choices = ", ".join(str(a) for a in args)
                 close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)

@@ -87,7 +87,9 @@ def _read_with_datasets(path: str, split: str, field: str) -> list[dict]:
 class PromptDataset:
     """Tokenised prompts plus the other fields of each record (passed to reward functions)."""
 
-    prompts: list[str]  #: prompt text as the model sees it (after any chat template)
+    #: the prompt text the rewards see: the record's own text (the user message when a chat template wraps it
+    #: for the model; a reward model applies its own template), or the decoded tokens after a truncation
+    prompts: list[str]
     token_ids: list[list[int]]  #: its tokens, at most max_prompt_tokens
     fields: list[dict]  #: the record's other fields
 
@@ -130,18 +132,18 @@ def build_prompt_dataset(records: list[dict], tokenizer, data_cfg, *, source: st
         text = record[data_cfg.prompt_field]
         if not isinstance(text, str):
             raise UserError(f"field {data_cfg.prompt_field!r} must be a string, got {type(text).__name__}", where)
-        text = format_prompt(tokenizer, text, chat)
+        raw, text = text, format_prompt(tokenizer, text, chat)
         tokens = tokenizer(text, add_special_tokens=not chat)["input_ids"]
         if len(tokens) > data_cfg.max_prompt_tokens:
             if data_cfg.prompt_overflow == "error":
                 raise UserError(f"prompt has {len(tokens)} tokens, over data.max_prompt_tokens "
                                 f"({data_cfg.max_prompt_tokens}); raise it or set data.prompt_overflow: truncate", where)
             tokens = tokens[-data_cfg.max_prompt_tokens:]
-            text = tokenizer.decode(tokens, skip_special_tokens=False)
+            raw = tokenizer.decode(tokens, skip_special_tokens=False)
             truncated += 1
         if not tokens:
             raise UserError("prompt is empty after tokenisation", where)
-        prompts.append(text)
+        prompts.append(raw)
         ids.append(tokens)
         fields.append({k: v for k, v in record.items() if k not in ("__line__",)})
     if truncated:

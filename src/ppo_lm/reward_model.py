@@ -19,18 +19,11 @@ import torch
 from .config import RewardModelConfig
 from .data import load_records
 from .errors import UserError
-from .models import DTYPES, _no_dropout_config, apply_lora, load_tokenizer, prepare_model, save_merged
-from .sft import fit, micro_batches, pad_right, split_records
+from .data import use_chat_template
+from .models import DTYPES, _no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
+from .rewards.model import ENCODING_KEY, encode_for_reward, pad_right
+from .sft import fit, micro_batches, split_records
 from .tracking import MetricsLog
-
-
-def _encode(tokenizer, text: str, max_length: int) -> list[int]:
-    ids = tokenizer(text)["input_ids"]
-    return ids[-max_length:]  # keep the end: that is where a dialogue's last answer is
-
-
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return pad_right(rows, pad_id), pad_right([[1] * len(r) for r in rows], 0)
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
@@ -51,7 +44,7 @@ def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> 
                 if not isinstance(r.get(f), str):
                     raise UserError(f"record needs a string field {f!r} (data.mode: pairwise)", where)
             prompt = r.get(d.prompt_field) or ""
-            out.append((prompt + r[d.chosen_field], prompt + r[d.rejected_field]))
+            out.append(((prompt, r[d.chosen_field]), (prompt, r[d.rejected_field])))
         else:
             label = r.get(d.label_field)
             if not isinstance(r.get(d.text_field), str):
@@ -78,26 +71,34 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     out = check_output_dir(cfg.train.output_dir)
     seed_everything(cfg.train.seed)
     d = cfg.data
+    kind = "classifier" if is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
+    config = _no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
+                                                    trust_remote_code=cfg.model.trust_remote_code))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print)
+                               trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
+                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     examples = load_records_checked(cfg, records)
     train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
 
     num_labels = 1 if d.mode == "pairwise" else d.num_labels
-    kind = "classifier" if _is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
-    config = _no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
-                                                    trust_remote_code=cfg.model.trust_remote_code))
     config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(
-        cfg.model.name_or_path, config=config, dtype=DTYPES[cfg.model.dtype],
-        trust_remote_code=cfg.model.trust_remote_code, ignore_mismatched_sizes=True)
+    # how texts are encoded, the same in training and in PPO: saved in config.json, where rewards.model reads it
+    chat = d.mode == "pairwise" and use_chat_template(tokenizer, d.chat_template)
+    setattr(config, ENCODING_KEY, {"chat_template": chat, "max_length": d.max_length, "truncation_side": "left"})
+    model = from_pretrained(AutoModelForSequenceClassification, cfg.model.name_or_path, field="model.name_or_path",
+                            config=config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code,
+                            ignore_mismatched_sizes=True)
     prepare_model(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
 
+
+    def encode(prompt: str, completion: str) -> list[int]:
+        return encode_for_reward(tokenizer, prompt, completion, d.max_length, chat)
+
     if d.mode == "pairwise":
         def collate(rows):
-            ids, mask = _pad([_encode(tokenizer, t, d.max_length) for r in rows for t in r], tokenizer.pad_token_id)
+            ids, mask = pad_right([encode(*pair) for r in rows for pair in r], tokenizer.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask}  # rows interleaved: chosen, rejected, chosen, ...
 
         def loss_fn(m, b):
@@ -105,7 +106,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
             return pairwise_loss(scores[0::2], scores[1::2])
     else:
         def collate(rows):
-            ids, mask = _pad([_encode(tokenizer, r[0], d.max_length) for r in rows], tokenizer.pad_token_id)
+            ids, mask = pad_right([encode("", r[0]) for r in rows], tokenizer.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r[1] for r in rows])}
 
         def loss_fn(m, b):
@@ -142,9 +143,12 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     return summary
 
 
-def _is_classifier(name_or_path: str) -> bool:
+def is_classifier(name_or_path: str) -> bool:
+    """Whether a local folder's config names a sequence-classification architecture (False when it cannot be
+    read: the model check then says why)."""
     p = Path(name_or_path, "config.json")
-    if not p.is_file():
+    try:
+        archs = json.loads(p.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
         return False
-    archs = json.loads(p.read_text()).get("architectures") or []
     return any(a.endswith("ForSequenceClassification") for a in archs)

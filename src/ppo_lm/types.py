@@ -25,7 +25,7 @@ class Rollout:
     values: Tensor  #: [B, T] float, V_old(state before token), 0 after EOS
     entropy: Tensor  #: [B, T] float, entropy of pi_old at each response state, 0 after EOS
     ended_with_eos: Tensor  #: [B] bool, whether the response contains EOS
-    prompts: list[str]  #: the B prompt texts as given to the model (after any chat template)
+    prompts: list[str]  #: the B prompt texts the rewards see (the user message, without the chat template)
     completions: list[str]  #: the B decoded responses, without special tokens
     fields: dict = field(default_factory=dict)  #: other dataset columns of the batch, each a list of B values
 

@@ -1,7 +1,11 @@
 """A Hugging Face sequence-classification reward model as a reward source.
 
-The model reads prompt + completion with its own tokenizer. With one label its logit is the score; with two
-labels the score is ``logit[1] - logit[0]`` (the log-odds of the positive class, e.g. for a sentiment model).
+The model reads prompt + completion with its own tokenizer, encoded by :func:`encode_for_reward`, the function
+the reward-model stage trains with: the same chat template or none, the same special tokens, the same length
+and the same truncation side (the end is kept). A model trained by ``ppo-lm reward-model`` records its choice in
+its ``config.json`` (``ppo_lm_encoding``); any other model is read as plain text, cut to ``max_length`` from the
+left. With one label its logit is the score; with two labels the score is ``logit[1] - logit[0]`` (the log-odds
+of the positive class, e.g. for a sentiment model).
 """
 
 from __future__ import annotations
@@ -9,7 +13,32 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models import DTYPES, _no_dropout_config, load_config_checked, load_tokenizer, prepare_model
+from ..models import DTYPES, _no_dropout_config, from_pretrained, load_config_checked, load_tokenizer, prepare_model
+
+
+#: The key in a reward model's config.json that records how its texts were encoded in training.
+ENCODING_KEY = "ppo_lm_encoding"
+
+
+def encode_for_reward(tokenizer, prompt: str, completion: str, max_length: int, chat: bool) -> list[int]:
+    """The token ids a reward model reads for ``prompt`` + ``completion``: with ``chat``, the pair as a
+    user/assistant exchange in the tokenizer's chat template, otherwise the plain concatenation with the
+    tokenizer's special tokens; cut to the last ``max_length`` tokens (the completion is at the end)."""
+    if chat:
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt + completion)["input_ids"]
+    return ids[-max_length:]
+
+
+def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of right-padded rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+    return ids, mask
 
 
 class RewardModel:
@@ -22,25 +51,29 @@ class RewardModel:
         if config.num_labels not in (1, 2):
             raise UserError(f"reward model {path!r} has {config.num_labels} labels; use a 1-label (score) or "
                             "2-label (negative/positive) classifier", field)
-        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, notice=lambda _msg: None)
+        self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, notice=lambda _msg: None, field=field)
         self.tokenizer.padding_side = "right"
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=DTYPES[dtype],
-                                                                        trust_remote_code=trust_remote_code)
+        self.model = from_pretrained(AutoModelForSequenceClassification, path, field=field, config=config,
+                                     dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         prepare_model(self.model)
         self.model.eval().requires_grad_(False)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)
-        self.batch_size, self.max_length = batch_size, max_length
+        encoding = getattr(config, ENCODING_KEY, None) or {}
+        self.chat = bool(encoding.get("chat_template", False))
+        if self.chat and getattr(self.tokenizer, "chat_template", None) is None:
+            raise UserError(f"reward model {path!r} was trained on chat-template texts, but its tokenizer has no "
+                            "chat template", field)
+        self.batch_size, self.max_length = batch_size, int(encoding.get("max_length", max_length))
 
     @torch.no_grad()
     def __call__(self, prompts, completions, fields):
-        texts = [p + c for p, c in zip(prompts, completions)]
+        rows = [encode_for_reward(self.tokenizer, p, c, self.max_length, self.chat) for p, c in zip(prompts, completions)]
         scores = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_length).to(self.device)
-            logits = self.model(**enc).logits.float()
+        for s in range(0, len(rows), self.batch_size):
+            ids, mask = pad_right(rows[s:s + self.batch_size], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             scores.append(logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0])
         return torch.cat(scores).cpu()

@@ -1,0 +1,90 @@
+"""A reward model reads prompt + completion the same way in PPO as in its training: its own tokenizer (not the
+policy's), the same chat template or none, the same length and truncation side."""
+
+import json
+
+import pytest
+import torch
+
+from ppo_lm import reward_model, toy
+from ppo_lm.config import RewardModelConfig, load_config
+from ppo_lm.rewards.model import ENCODING_KEY, RewardModel, encode_for_reward
+from ppo_lm.trainer import train
+
+from conftest import WORDS, prompt_records, tiny_config
+
+#: The reward model's own vocabulary: other words in another order, so its ids differ from the policy's.
+RM_WORDS = ["user", "assistant", "z", "y", *reversed(WORDS), "x"]
+TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+
+
+def _rm_start(tmp_path, chat: bool):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    tok = toy.word_tokenizer(RM_WORDS)
+    if chat:
+        tok.chat_template = TEMPLATE
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tok), num_labels=1,
+                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    return toy.save_model(GPT2ForSequenceClassification(config), tok, tmp_path / "rm-start")
+
+
+def _train_rm(tmp_path, start, chat: str, max_length: int):
+    rows = [{"prompt": "b c", "chosen": " a a d", "rejected": " d e f"} for _ in range(16)]
+    cfg = load_config(None, [f"model.name_or_path={start}", "data.path=records", "optim.epochs=1",
+                             f"data.max_length={max_length}", f"data.chat_template={chat}",
+                             f"train.output_dir={tmp_path / 'rm'}", "train.progress=false"],
+                      schema=RewardModelConfig, check_paths=False)
+    reward_model.run(cfg, records=rows)
+    return tmp_path / "rm" / "final"
+
+
+def _ids_seen(rm: RewardModel, prompts, completions) -> list[list[int]]:
+    """The unpadded token ids the reward model's forward receives."""
+    seen = []
+    forward = rm.model.forward
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
+        return forward(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    rm.model.forward = spy
+    rm(prompts, completions, {})
+    return seen
+
+
+def test_chat_template_encoding_by_hand(tmp_path):
+    tok = toy.word_tokenizer(RM_WORDS)
+    tok.chat_template = TEMPLATE
+    v = tok.get_vocab()
+    # "user b c assistant a a d " -> the last 6 tokens
+    assert encode_for_reward(tok, "b c", " a a d", 6, chat=True) == [v[w] for w in "b c assistant a a d".split()]
+    assert encode_for_reward(tok, "b c", " a a d", 3, chat=False) == [v[w] for w in "a a d".split()]
+
+
+@pytest.mark.parametrize("chat", ["on", "off"])
+def test_ppo_scores_with_the_encoding_the_reward_model_was_trained_with(tiny_model_dir, tmp_path, chat):
+    final = _train_rm(tmp_path, _rm_start(tmp_path, chat == "on"), chat, max_length=5)
+    saved = json.loads((final / "config.json").read_text())[ENCODING_KEY]
+    assert saved == {"chat_template": chat == "on", "max_length": 5, "truncation_side": "left"}
+
+    rm = RewardModel(str(final), max_length=1024)  # the source's own default is overridden by the saved one
+    assert (rm.chat, rm.max_length) == (chat == "on", 5)
+    v = rm.tokenizer.get_vocab()
+    expected = "c assistant a a d" if chat == "on" else "b c a a d"  # the end is kept: 5 tokens
+    assert _ids_seen(rm, ["b c"], [" a a d"]) == [[v[w] for w in expected.split()]]
+
+    # the same model as a PPO reward source for a policy with another tokenizer: it reads the policy's prompt
+    # and completion texts, re-encoded with its own tokenizer
+    cfg = tiny_config(tiny_model_dir, tmp_path / "ppo", reward={"sources": [{"type": "model", "path": str(final)}]},
+                      train={"iterations": 1})
+    result = train(cfg, records=prompt_records(16))
+    assert len(result.metrics) == 1 and torch.isfinite(torch.tensor(result.metrics[0]["reward_mean"]))
+
+
+def test_a_foreign_reward_model_is_read_as_plain_text_keeping_the_end(tiny_reward_model_dir):
+    rm = RewardModel(str(tiny_reward_model_dir), max_length=4)
+    v = rm.tokenizer.get_vocab()
+    assert not rm.chat
+    assert _ids_seen(rm, ["a b c d"], [" e f"]) == [[v[w] for w in "c d e f".split()]]
