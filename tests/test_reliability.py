@@ -206,3 +206,79 @@ def test_rng_state_round_trip():
     ckpt.set_rng_state(state, g)
     b = (random.random(), __import__("numpy").random.rand(), torch.rand(1).item(), torch.rand(1, generator=g).item())
     assert a == b
+
+
+class _ScalerOnCPU:
+    """An ``Accelerator`` that does fp16 loss scaling as on a GPU (accelerate gives the CPU no grad scaler): a real
+    ``torch.amp.GradScaler`` on the CPU, the forward kept in fp32, accelerate's process-wide state left at "no"
+    mixed precision (it is a singleton that later tests share). Growth is off, so the scale moves only when an
+    overflow backs it off (x0.5)."""
+
+    @staticmethod
+    def install(monkeypatch, init_scale=1024.0):
+        import contextlib
+
+        import accelerate
+
+        class Accelerator(accelerate.Accelerator):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=10**9)
+                made.append(self)
+
+            def prepare(self, *args, **kwargs):
+                prepared = super().prepare(*args, **kwargs)
+                self.native_amp = True  # from here on: unscale_gradients unscales, as with fp16 on a GPU
+                return prepared
+
+            @property
+            def mixed_precision(self):
+                return "fp16"
+
+            def autocast(self, *args, **kwargs):
+                return contextlib.nullcontext()
+
+        made = []
+        monkeypatch.setattr(accelerate, "Accelerator", Accelerator)
+        return made
+
+
+def _overflowing_gradients(monkeypatch, on_calls):
+    """The value head's gradient is inf on the backward passes numbered in ``on_calls`` (an fp16 overflow)."""
+    import ppo_lm.trainer as trainer
+
+    real, calls = trainer.load_policy, {"n": 0}
+
+    def hook(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] in on_calls else grad
+
+    def load_policy(*args, **kwargs):
+        policy = real(*args, **kwargs)
+        policy.value_head.summary.weight.register_hook(hook)
+        return policy
+
+    monkeypatch.setattr(trainer, "load_policy", load_policy)
+
+
+def test_fp16_overflow_backs_the_scaler_off_and_training_goes_on(tiny_model_dir, tmp_path, monkeypatch):
+    made = _ScalerOnCPU.install(monkeypatch)
+    _overflowing_gradients(monkeypatch, on_calls={2})
+    cfg = tiny_config(tiny_model_dir, tmp_path / "one", train={"iterations": 2, "checkpoint_every": 0})
+    result = train(cfg, records=prompt_records())  # skipping by hand left the scaler unscaled: the next step raised
+    scaler = made[0].scaler
+    assert scaler.get_scale() == 512.0  # one overflow: backed off once
+    assert result.metrics[-1]["nonfinite_skips"] == 1
+    assert all(torch.isfinite(p).all() for p in result.policy.parameters())
+
+
+def test_fp16_overflow_counts_as_divergence_only_once_the_scale_is_below_1(tiny_model_dir, tmp_path, monkeypatch):
+    made = _ScalerOnCPU.install(monkeypatch, init_scale=4.0)
+    _overflowing_gradients(monkeypatch, on_calls=set(range(1, 10**6)))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "many", ppo={"lr": 3e-3, "num_minibatches": 2, "max_nonfinite_steps": 3},
+                      train={"iterations": 5, "checkpoint_every": 0})
+    with pytest.raises(TrainingDiverged, match=r"3 updates in a row had a non-finite value \(first: gradient"):
+        train(cfg, records=prompt_records())
+    # 4 -> 2 -> 1: the scaler's own search (not counted); -> 0.5 -> 0.25 -> 0.125: three overflows that left the
+    # scale below 1 (counted)
+    assert made[0].scaler.get_scale() == 4.0 * 0.5 ** 5

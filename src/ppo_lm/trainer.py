@@ -190,10 +190,9 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                             norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or float("inf"))
                             bad = None if torch.isfinite(norm) else "gradient"
                             stats["grad_norm"].append(float(norm))
-                    if bad is not None:
-                        # never step on a NaN/inf: drop the gradient, count it, give up after K in a row
-                        optimizer.zero_grad(set_to_none=True)
-                        _skip(state, bad, ppo.max_nonfinite_steps)
+                    if bad is not None:  # never step on a NaN/inf: drop it, count it, give up after K in a row
+                        overflow = _drop_update(accelerator, optimizer, bad)
+                        _skip(state, bad, ppo.max_nonfinite_steps, counts_toward_limit=not overflow)
                         continue
                     state.nonfinite_streak, state.first_nonfinite = 0, None
                     optimizer.step()
@@ -211,8 +210,24 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
     return out
 
 
-def _skip(state: TrainState, quantity: str, limit: int) -> None:
+def _drop_update(accelerator, optimizer, quantity: str) -> bool:
+    """Throw away an update with a non-finite value. Under fp16 loss scaling a non-finite gradient is the grad
+    scaler's to handle: ``clip_grad_norm_`` has already unscaled it, so the scaler's ``step`` sees the inf, skips
+    the parameter update and ``update`` shrinks the scale (dropping it by hand would leave the scaler unscaled
+    and the next step's ``unscale_`` would raise). Returns whether it was such an overflow while the scale is
+    still at least 1, which is the scaler finding its scale, not the run diverging."""
+    scaler = getattr(accelerator, "scaler", None)
+    overflow = quantity == "gradient" and scaler is not None
+    if overflow:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return overflow and scaler.get_scale() >= 1.0
+
+
+def _skip(state: TrainState, quantity: str, limit: int, *, counts_toward_limit: bool = True) -> None:
     state.nonfinite_skips += 1
+    if not counts_toward_limit:
+        return
     state.nonfinite_streak += 1
     state.first_nonfinite = state.first_nonfinite or quantity
     if state.nonfinite_streak >= limit:
@@ -288,6 +303,21 @@ def check_output_dir(path: str | Path) -> Path:
     return out
 
 
+def check_models(cfg: Config):
+    """Every model the run will load (policy, critic, reward models) is checked from its files before the first
+    weights are read; returns the policy's transformers config."""
+    trust = cfg.model.trust_remote_code
+    policy_config = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
+                                        trust_remote_code=trust)
+    if cfg.model.critic and cfg.model.critic != "policy":
+        load_config_checked(cfg.model.critic, kind="causal", field="model.critic", trust_remote_code=trust)
+    for i, source in enumerate(cfg.reward.sources):
+        if source.type == "model":
+            load_config_checked(source.path, kind="classifier", field=f"reward.sources.{i}.path",
+                                trust_remote_code=trust)
+    return policy_config
+
+
 def make_reward(cfg: Config, reward_fn: Callable | None, device) -> WeightedSum:
     if reward_fn is None:
         return build_reward(cfg.reward, device=device)
@@ -311,10 +341,10 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     seed_everything(cfg.train.seed)
 
     # --- 0. everything that can be wrong with the input is checked before a model is loaded
-    model_config = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
-                                       trust_remote_code=cfg.model.trust_remote_code)
+    model_config = check_models(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code, notice=warn)
+                               trust_remote_code=cfg.model.trust_remote_code, notice=warn,
+                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
     data_cfg = _fit_context(cfg, model_config)
     with warnings.catch_warnings(record=True) as caught:
