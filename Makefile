@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs
 
-.PHONY: install demo test test-fast bench bench-compare results clean
+.PHONY: install demo test test-fast test-learning bench bench-compare results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Only the tests that assert learning; CI runs them again under other CPU kernel paths:
+#   ATEN_CPU_CAPABILITY=avx2 make test-learning
+test-learning: $(STAMP)
+	$(BIN)/python -m pytest -q -rs -m learning
 
 # The three applications end to end on ../shared/assets; rewrites docs/RESULTS.md (about 10 min on 2 cores).
 results: $(STAMP)

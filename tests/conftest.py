@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,26 @@ WORDS = "a b c d e f g h i j".split()
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 # metrics that measure the machine, not the run: left out when two runs are compared
 TIMING = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
+
+
+#: The seed of the learning tests (train.seed): 0, unless scripts/learning_spread.py sweeps it.
+LEARNING_SEED = int(os.environ.get("PPO_LM_TEST_SEED", "0"))
+
+
+@pytest.fixture
+def learned(request):
+    """``learned(value, threshold)``: assert that a learning test's measured ``value`` exceeds its ``threshold``;
+    with ``PPO_LM_LEARNING_LOG`` set, also append both (with the test, seed and kernel path) to that file, which
+    is how scripts/learning_spread.py measures every learning test's spread over seeds and kernel paths."""
+
+    def check(value: float, threshold: float, detail=None) -> None:
+        log = os.environ.get("PPO_LM_LEARNING_LOG")
+        if log:
+            with open(log, "a") as f:
+                f.write(json.dumps({"test": request.node.nodeid, "seed": LEARNING_SEED, "value": value,
+                                    "threshold": threshold, "kernel": torch.backends.cpu.get_cpu_capability()}) + "\n")
+        assert value > threshold, (value, threshold, detail)
+    return check
 
 
 def without_timing(rows: list[dict]) -> list[dict]:

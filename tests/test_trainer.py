@@ -9,18 +9,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ppo_lm.models import load_causal_lm, load_policy, make_reference
 from ppo_lm.trainer import train
 
-from conftest import prompt_records, tiny_config, without_timing
+from conftest import LEARNING_SEED, prompt_records, tiny_config, without_timing
 
 
 @pytest.mark.slow
-def test_reward_rises_on_a_verifiable_task(tiny_model_dir, tmp_path):
-    """reward = fraction of the token 'a' in the response; a random-init model starts near 1/13."""
-    cfg = tiny_config(tiny_model_dir, tmp_path, train={"iterations": 30})
+@pytest.mark.learning
+def test_reward_rises_on_a_verifiable_task(tiny_model_dir, tmp_path, learned):
+    """reward = fraction of the token 'a' in the response; a random-init model starts near 1/13.
+
+    Measured (scripts/learning_spread.py, 2026-12-02, 10 seeds x ATEN_CPU_CAPABILITY default/avx2/avx512 on
+    one AMD EPYC host): the rise from the first 3 to the last 5 iterations was 0.57-0.91 (mean 0.80); one
+    AVX512 host of issue 16 saw 0.36 (with the last 3). The batch reward swings by +-0.2 between iterations, so the
+    end is averaged over 5, and the bar, 0.3, is half the lowest rise measured here: a policy that does not
+    learn stays within +-0.05 of its start."""
+    cfg = tiny_config(tiny_model_dir, tmp_path, train={"iterations": 30, "seed": LEARNING_SEED})
     result = train(cfg, records=prompt_records())
     rewards = [m["reward_mean"] for m in result.metrics]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-5:]) / 5
     assert first < 0.3, rewards
-    assert last > first + 0.4, rewards
+    learned(last - first, 0.3, rewards)
     assert all(torch.isfinite(torch.tensor(m["kl"])) for m in result.metrics)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == list(range(1, 31))
