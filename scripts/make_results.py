@@ -17,7 +17,6 @@ import concurrent.futures
 import os
 import datetime
 import json
-import math
 import platform
 import shutil
 import subprocess

@@ -117,15 +117,16 @@ def test_the_models_own_logit_settings_do_not_reach_sampling(tiny_model_dir):
 
 def test_first_update_step_sees_ratio_one(tiny_model_dir, tmp_path):
     """The trimmed minibatch forward of the update reproduces the rollout's logprobs: the ratio starts at 1."""
-    from ppo_lm.trainer import TrainState, _minibatch, score
+    from ppo_lm.trainer import TrainState, advantages, minibatch, score
     from ppo_lm.data import PromptSampler
     from ppo_lm.rewards import build_reward
 
     r, policy, _, _ = _rollout(tiny_model_dir, tmp_path)
     cfg = tiny_config(tiny_model_dir, tmp_path)
     state = TrainState(iteration=1, sampler=PromptSampler(8, seed=0), kl_controller=algo.FixedKLController(0.1))
-    scored = score(r, build_reward(cfg.reward), state, cfg)
-    b = _minibatch(scored, torch.tensor([1, 5, 6]))
+    raw, scores = score(r, build_reward(cfg.reward), state, cfg)
+    scored = advantages(r, raw, scores, state.kl_controller.value, cfg.ppo)
+    b = minibatch(scored, torch.tensor([1, 5, 6]))
     with torch.no_grad():
         logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
     logp = algo.logprobs_from_logits(logits, b["tokens"])

@@ -138,6 +138,10 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.expm1(log_r) - log_r
 
 
+#: The per-token KL estimators by their config name (``ppo.kl_estimator``).
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token reward of RLHF: ``-kl_coef * kl`` on every real token, plus the sequence score at the last one.
 

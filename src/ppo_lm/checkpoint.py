@@ -207,3 +207,47 @@ def incompatible_fields(saved: dict, current: dict, prefix: str = "") -> list[st
         elif a != b and dotted not in RESUME_SAFE:
             out.append(dotted)
     return out
+
+
+def find_resume(out: Path, current_config: dict, warn: Callable[[str], None]) -> Checkpoint | None:
+    """The newest intact checkpoint under ``out/checkpoints`` whose config allows an exact resume of a run with
+    ``current_config``; None (with a warning) when there is none; a :class:`UserError` naming the fields when
+    the config changed in a way that breaks exact resume."""
+    found = newest_valid(out / "checkpoints", warn)
+    if found is None:
+        warn(f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
+        return None
+    saved = yaml.safe_load((found.path / "config.yaml").read_text())
+    differ = incompatible_fields(saved, current_config)
+    if differ:
+        raise UserError(f"the config differs from the checkpoint's in {', '.join(differ)}, which breaks exact "
+                        f"resume; restore those values or use a new train.output_dir", str(found.path))
+    return found
+
+
+def restore(found: Checkpoint, model: torch.nn.Module, optimizer, scheduler, trainer_state, generator,
+            metrics_path: Path) -> list[dict]:
+    """Load a checkpoint into the live objects (the model's trainable parameters, optimiser, scheduler, the
+    trainer's state object, RNGs); cut ``metrics_path`` back to the checkpoint's iteration and return its rows."""
+    from .tracking import read_metrics
+
+    data = load(found.path)
+    missing = set(data["model"]) ^ {k for k, p in model.named_parameters() if p.requires_grad}
+    if missing:
+        raise UserError(f"checkpoint parameters do not match the model ({len(missing)} names differ, e.g. "
+                        f"{sorted(missing)[0]})", str(found.path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in data["model"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    trainer_state.load_state_dict(data["state"])
+    set_rng_state(data["rng"], generator)
+    rows = []
+    if metrics_path.exists():
+        rows = [r for r in read_metrics(metrics_path) if r.get("iteration", 0) <= trainer_state.iteration]
+        tmp = metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(metrics_path)
+    return rows

@@ -65,7 +65,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     from transformers import AutoModelForSequenceClassification
 
     from .models import load_config_checked
-    from .trainer import check_output_dir, seed_everything
+    from .runtime import check_output_dir, seed_everything
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)

@@ -114,7 +114,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     """Fine-tune ``cfg.model`` on the demonstrations; returns a summary (also in ``summary.json``)."""
     from rich.console import Console
 
-    from .trainer import check_output_dir, seed_everything
+    from .runtime import check_output_dir, seed_everything
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)

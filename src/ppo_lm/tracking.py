@@ -96,3 +96,57 @@ def plot_metrics(rows: list[dict], out_png: str | Path, keys: tuple[str, ...] = 
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """A nested config as the flat ``{"section.key": scalar}`` mapping that trackers take."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_config(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+class progress_bar:
+    """A rich progress bar that shows the latest reward and KL; ``with progress_bar(...) as advance`` gives a
+    function of one iteration's metrics. Silent when disabled."""
+
+    def __init__(self, console, total: int, enabled: bool, done: int = 0):
+        self.console, self.total, self.enabled, self.done = console, total, enabled, done
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda metrics: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=self.console, transient=False)
+        self.progress.__enter__()
+        task = self.progress.add_task("", total=self.total, completed=self.done)
+
+        def advance(m: dict) -> None:
+            desc = (f"reward {m['reward_mean']:+.3f}  kl {m['kl']:.3f}  entropy {m['entropy']:.2f}  "
+                    f"{m['time_iteration_s']:.1f}s/it")
+            self.progress.update(task, advance=1, description=desc)
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)
+        return False
+
+
+def print_samples(console, prompts: list[str], completions: list[str], rewards: list[float], k: int) -> None:
+    """The first ``k`` (prompt, completion, reward) of a batch as a table."""
+    from rich.table import Table
+
+    table = Table(title="samples", show_lines=True)
+    table.add_column("prompt", max_width=40)
+    table.add_column("completion", max_width=60)
+    table.add_column("reward", justify="right")
+    for prompt, completion, reward in list(zip(prompts, completions, rewards))[:k]:
+        table.add_row(prompt, completion, f"{reward:+.3f}")
+    console.print(table)

@@ -17,30 +17,27 @@ All device placement, mixed precision and gradient accumulation go through ``acc
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import os
-import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import yaml
+from torch import Tensor
 
 from . import algo
+from . import checkpoint as ckpt
 from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
-from . import checkpoint as ckpt
 from .errors import RewardError, TrainingDiverged, UserError
 from .evaluate import distinct_n
-from .models import (PolicyWithValue, load_config_checked, load_policy, load_tokenizer, make_reference, parameter_groups,
-                     save_policy, trainable_parameters)
-from .rewards import RunningMoments, WeightedSum, build_reward
+from .models import (PolicyWithValue, attention_kernel, load_config_checked, load_policy, load_tokenizer,
+                     make_reference, parameter_groups, save_policy, trainable_parameters)
+from .rewards import RunningMoments, WeightedSum, build_reward, shape_scores
 from .rollout import collect
-from .tracking import MetricsLog, PhaseTimer, plot_metrics, read_metrics
+from .runtime import StopOnSignal, check_output_dir, seed_everything
+from .tracking import MetricsLog, PhaseTimer, flat_config, plot_metrics, print_samples, progress_bar
 from .types import Rollout, ScoredRollout
 
 
@@ -85,39 +82,34 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ step 2+3
 
 
-def score(rollout: Rollout, reward_fn: WeightedSum, state: TrainState, cfg: Config) -> ScoredRollout:
-    """Steps 2 and 3: sequence scores -> per-token KL-penalised rewards -> GAE advantages and returns."""
+def score(rollout: Rollout, reward_fn: WeightedSum, state: TrainState, cfg: Config) -> tuple[Tensor, Tensor]:
+    """Step 2: the reward sources' summed score of each completion ``[B]`` (raw), and the same after the
+    reward section's shaping (missing-EOS score, normalisation, clipping)."""
     raw = reward_fn(rollout.prompts, rollout.completions, rollout.fields).to(rollout.values.device)
-    scores = raw
-    if cfg.rollout.missing_eos_penalty is not None:  # responses that ran out of tokens get a fixed score
-        scores = torch.where(rollout.ended_with_eos, scores, torch.full_like(scores, cfg.rollout.missing_eos_penalty))
-    if cfg.reward.normalize:
-        state.reward_stats.update(scores)
-        scores = (scores - state.reward_stats.mean) / state.reward_stats.std
-    if cfg.reward.clip is not None:
-        scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+    shaped = shape_scores(raw, rollout.ended_with_eos, missing_eos_penalty=cfg.rollout.missing_eos_penalty,
+                          normalize=cfg.reward.normalize, clip=cfg.reward.clip, stats=state.reward_stats)
+    return raw, shaped
 
+
+def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, ppo) -> ScoredRollout:
+    """Step 3: per-token reward = ``-kl_coef * KL`` on every response token plus the score at the last one, then
+    GAE advantages and returns (``ppo``: the config's PPO section)."""
     mask = rollout.response_mask
-    match cfg.ppo.kl_estimator:
-        case "k1":
-            kl = algo.kl_k1(rollout.logprobs, rollout.ref_logprobs)
-        case "k3":
-            kl = algo.kl_k3(rollout.logprobs, rollout.ref_logprobs)
-    kl = kl * mask
-    rewards = algo.per_token_rewards(scores, kl, mask, state.kl_controller.value)
-    if cfg.ppo.whiten_rewards:
+    kl = algo.KL_ESTIMATORS[ppo.kl_estimator](rollout.logprobs, rollout.ref_logprobs) * mask
+    rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
+    if ppo.whiten_rewards:
         rewards = algo.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = algo.gae(rewards, rollout.values, mask, cfg.ppo.gamma, cfg.ppo.gae_lambda)
-    if cfg.ppo.whiten_advantages:
-        advantages = algo.masked_whiten(advantages, mask)
-    return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards,
-                         advantages=advantages, returns=returns)
+    adv, returns = algo.gae(rewards, rollout.values, mask, ppo.gamma, ppo.gae_lambda)
+    if ppo.whiten_advantages:
+        adv = algo.masked_whiten(adv, mask)
+    return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards, advantages=adv,
+                         returns=returns)
 
 
 # -------------------------------------------------------------------------------------------- step 4
 
 
-def _minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
+def minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
     """Slice a minibatch and trim the padding it does not need: left prompt padding shared by all its rows
     and response columns after its longest response."""
     r = scored.rollout
@@ -130,16 +122,6 @@ def _minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
                 response_mask=response_mask[:, :last], old_logprobs=r.logprobs[idx, :last],
                 old_values=r.values[idx, :last], advantages=scored.advantages[idx, :last],
                 returns=scored.returns[idx, :last])
-
-
-def _attention_kernel(accelerator, seq_len: int):
-    """On CPU in bf16, PyTorch's flash-attention backward is 1.6-2.6x slower than the plain math kernel for
-    sequences up to 128 tokens, and faster beyond (scripts/sdpa_backward.py); pick the faster one."""
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and seq_len <= 128:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
 
 
 def _first_nonfinite(**quantities: torch.Tensor) -> str | None:
@@ -168,9 +150,9 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
         order = torch.randperm(n, generator=generator).to(scored.rollout.response_ids.device)
         for mb in order.split(cfg.minibatch_size):
             for micro in mb.split(cfg.microbatch_size):
-                b = _minibatch(scored, micro)
+                b = minibatch(scored, micro)
                 with accelerator.accumulate(policy), accelerator.autocast(), \
-                        _attention_kernel(accelerator, b["input_ids"].shape[1]):
+                        attention_kernel(accelerator.device, accelerator.mixed_precision, b["input_ids"].shape[1]):
                     logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
                     logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
                     pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
@@ -286,21 +268,192 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
 # ------------------------------------------------------------------------------------------ the loop
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Run:
+    """What :func:`setup` makes once and every iteration uses: the models in their roles, the optimiser and
+    schedule, the prompts, the reward, the state, and where the run writes."""
+
+    cfg: Config
+    accelerator: object
+    policy: torch.nn.Module  #: the policy as accelerate prepared it (wrapped for DDP on several processes)
+    model: PolicyWithValue  #: the same policy, unwrapped
+    reference: torch.nn.Module | None  #: a frozen copy of the policy's LM; None: the policy with LoRA adapters off
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    dataset: PromptDataset
+    reward: WeightedSum
+    state: TrainState
+    generator: torch.Generator  #: shuffles the update's minibatches
+    out: Path
+    log: MetricsLog
+    history: list[dict]
+    console: object
+    checkpoint: Path | None = None  #: the newest checkpoint written or resumed from
+    timer: PhaseTimer = field(default_factory=PhaseTimer)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]{message}[/]")
 
 
-def check_output_dir(path: str | Path) -> Path:
-    """Fail early if the output directory cannot be created or written; create nothing yet, so that a run
-    refused for bad input leaves nothing behind."""
-    out = Path(path).expanduser()
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"output directory is not writable: {out} ({existing} is not a writable directory)",
-                        "train.output_dir")
-    return out
+def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
+          console=None) -> TrainResult:
+    """Run PPO as configured. ``reward_fn`` (the reward protocol) replaces ``cfg.reward``; ``records``
+    (a list of dicts) replaces ``cfg.data.path``. Returns the trained policy and the metrics."""
+    run = setup(cfg, reward_fn=reward_fn, records=records, console=console)
+    state, interrupted = run.state, False
+    shown = cfg.train.progress and run.accelerator.is_main_process
+    with StopOnSignal() as stop, progress_bar(run.console, cfg.train.iterations, shown, state.iteration) as bar:
+        while state.iteration < cfg.train.iterations:
+            bar(iteration(run))
+            every = cfg.train.checkpoint_every
+            if stop.requested or (every and state.iteration % every == 0):
+                run.checkpoint = save_checkpoint(run) or run.checkpoint
+            if stop.requested and state.iteration < cfg.train.iterations:
+                interrupted = True
+                run.warn(f"stopped by {stop.requested} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
+                break
+    return finish(run, interrupted)
+
+
+def iteration(run: Run) -> dict:
+    """One PPO iteration, the five steps of the module docstring; returns its metrics."""
+    cfg, state, timer, acc = run.cfg, run.state, run.timer, run.accelerator
+    state.iteration += 1
+    timer.reset()
+    indices = state.sampler.next(cfg.rollout.batch_size * acc.num_processes)[acc.process_index::acc.num_processes]
+    prompts, prompt_ids, fields = run.dataset.batch(indices)
+    with timer("rollout"):  # 1. collect
+        rollout = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout,
+                          device=acc.device, forward_batch_size=cfg.minibatch_size, autocast=acc.autocast, timer=timer)
+    with timer("score"):  # 2. score, 3. advantages
+        try:
+            raw, scores = score(rollout, run.reward, state, cfg)
+        except RewardError as e:
+            raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
+        scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo)
+    with timer("train"):  # 4. update
+        stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
+    state.samples_seen += len(indices) * acc.num_processes
+    metrics = iteration_metrics(scored, stats, state, timer.seconds, run.scheduler.get_last_lr()[0])
+    kl = response_kl(scored)
+    state.kl_controller.update(kl, len(indices) * acc.num_processes)
+    run.log.log(metrics, step=state.iteration)  # 5. log
+    run.history.append(metrics)
+    _check_kl(kl, cfg, state, run.warn)
+    k, every = cfg.train.log_samples, cfg.train.log_samples_every
+    if k and every and state.iteration % every == 0 and acc.is_main_process:
+        print_samples(run.console, rollout.prompts, rollout.completions, scored.raw_scores.tolist(), k)
+    return metrics
+
+
+def response_kl(scored: ScoredRollout) -> float:
+    """The KL of whole responses to the reference, mean over the batch (nats per response): the quantity the KL
+    penalty controls, and the one an adaptive KL controller steers."""
+    return scored.kl.sum(-1).mean().item()
+
+
+def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
+          console=None) -> Run:
+    """Everything before the first iteration. All that can be wrong with the input is checked before a model
+    is loaded, and nothing is written before the models are loaded."""
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    console = console or Console(stderr=True, soft_wrap=True)
+    warn = lambda m: console.print(f"[yellow]{m}[/]")  # noqa: E731
+    out = check_output_dir(cfg.train.output_dir)
+    seed_everything(cfg.train.seed)
+    tokenizer, dataset = _prompts(cfg, records, warn)
+    resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
+    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+                              gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
+                              log_with=cfg.train.log_with or None, project_dir=str(out))
+    reward = make_reward(cfg, reward_fn, accelerator.device)
+    policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
+    model: PolicyWithValue = accelerator.unwrap_model(policy)
+    kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+              if cfg.ppo.adaptive_kl else algo.FixedKLController(cfg.ppo.kl_coef))
+    state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+                       kl_controller=kl_ctl)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    metrics_path, history = out / "metrics.jsonl", []
+    if resume_from is not None:
+        history = ckpt.restore(resume_from, model, optimizer, scheduler, state, generator, metrics_path)
+        console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if resume_from is None:
+            metrics_path.write_text("")
+    if cfg.train.log_with:
+        accelerator.init_trackers("ppo-lm", config=flat_config(cfg.to_dict()))
+    return Run(cfg=cfg, accelerator=accelerator, policy=policy, model=model, reference=reference, tokenizer=tokenizer,
+               optimizer=optimizer, scheduler=scheduler, dataset=dataset, reward=reward, state=state,
+               generator=generator, out=out, log=MetricsLog(metrics_path, accelerator), history=history,
+               console=console, checkpoint=resume_from.path if resume_from else None)
+
+
+def _prompts(cfg: Config, records: list[dict] | None, warn) -> tuple[object, PromptDataset]:
+    """The models are checked from their files, then the tokenizer and the prompts are loaded and checked."""
+    model_config = check_models(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code, notice=warn,
+                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = build_prompt_dataset(records, tokenizer, _fit_context(cfg, model_config),
+                                       source=cfg.data.path or "records")
+    for w in caught:
+        warn(f"warning: {w.message}")
+    return tokenizer, dataset
+
+
+def _models(cfg: Config, accelerator, warn):
+    """The policy (with its value head), its reference, the optimiser and the learning-rate schedule, prepared
+    by accelerate."""
+    from transformers import get_scheduler
+
+    policy = load_policy(cfg.model, notice=warn)
+    reference = make_reference(policy)
+    # fused AdamW: one kernel over all parameters instead of a loop (CPU and CUDA since torch 2.4)
+    optimizer = torch.optim.AdamW(parameter_groups(policy, cfg.ppo.lr, cfg.ppo.value_lr), lr=cfg.ppo.lr,
+                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay, fused=True)
+    total_steps = cfg.train.iterations * cfg.ppo.epochs * cfg.ppo.num_minibatches
+    scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
+                              num_training_steps=total_steps)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    if reference is not None:
+        reference.to(accelerator.device)
+    return policy, reference, optimizer, scheduler
+
+
+def save_checkpoint(run: Run) -> Path | None:
+    """A checkpoint of everything an exact resume needs (written by the main process; others get None)."""
+    from . import __version__
+
+    run.accelerator.wait_for_everyone()
+    if not run.accelerator.is_main_process:
+        return None
+    return ckpt.save(run.out / "checkpoints", run.state.iteration,
+                     model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
+                     optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+                     trainer_state=run.state.state_dict(), rng=ckpt.rng_state(run.generator),
+                     config=run.cfg.to_dict(), version=__version__, keep=run.cfg.train.keep_checkpoints)
+
+
+def finish(run: Run, interrupted: bool) -> TrainResult:
+    """After the last iteration: the training plot and the final model (unless interrupted), trackers closed."""
+    run.accelerator.wait_for_everyone()
+    if run.accelerator.is_main_process and not interrupted:
+        if run.history:
+            plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
+        if run.cfg.train.save_final:
+            save_policy(run.model, run.tokenizer, run.out / "final")
+    run.accelerator.end_training()
+    return TrainResult(policy=run.model, tokenizer=run.tokenizer, metrics=run.history, output_dir=run.out,
+                       interrupted=interrupted, checkpoint=run.checkpoint)
 
 
 def check_models(cfg: Config):
@@ -325,134 +478,6 @@ def make_reward(cfg: Config, reward_fn: Callable | None, device) -> WeightedSum:
     return WeightedSum([(f"reward function {name}", 1.0, reward_fn)])
 
 
-def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
-          console=None) -> TrainResult:
-    """Run PPO as configured. ``reward_fn`` (the reward protocol) replaces ``cfg.reward``; ``records``
-    (a list of dicts) replaces ``cfg.data.path``. Returns the trained policy and the metrics."""
-    from accelerate import Accelerator
-    from rich.console import Console
-    from transformers import get_scheduler
-
-    from . import __version__
-
-    console = console or Console(stderr=True, soft_wrap=True)
-    warn = lambda m: console.print(f"[yellow]{m}[/]")  # noqa: E731
-    out = check_output_dir(cfg.train.output_dir)
-    seed_everything(cfg.train.seed)
-
-    # --- 0. everything that can be wrong with the input is checked before a model is loaded
-    model_config = check_models(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               trust_remote_code=cfg.model.trust_remote_code, notice=warn,
-                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
-    records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
-    data_cfg = _fit_context(cfg, model_config)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dataset: PromptDataset = build_prompt_dataset(records, tokenizer, data_cfg, source=cfg.data.path or "records")
-    for w in caught:
-        warn(f"warning: {w.message}")
-    resume_from = _find_resume_checkpoint(cfg, out, warn)
-    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
-                              log_with=cfg.train.log_with or None, project_dir=str(out))
-    reward = make_reward(cfg, reward_fn, accelerator.device)
-
-    # --- models, optimiser, schedule
-    policy = load_policy(cfg.model, notice=warn)
-    ref = make_reference(policy)
-    # fused AdamW: one kernel over all parameters instead of a loop (CPU and CUDA since torch 2.4)
-    optimizer = torch.optim.AdamW(parameter_groups(policy, cfg.ppo.lr, cfg.ppo.value_lr), lr=cfg.ppo.lr,
-                                  eps=cfg.ppo.adam_eps, weight_decay=cfg.ppo.weight_decay, fused=True)
-    total_steps = cfg.train.iterations * cfg.ppo.epochs * cfg.ppo.num_minibatches
-    scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
-                              num_training_steps=total_steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if ref is not None:
-        ref.to(accelerator.device)
-    unwrapped: PolicyWithValue = accelerator.unwrap_model(policy)
-
-    kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-              if cfg.ppo.adaptive_kl else algo.FixedKLController(cfg.ppo.kl_coef))
-    state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
-                       kl_controller=kl_ctl)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    metrics_path = out / "metrics.jsonl"
-    history: list[dict] = []
-    if resume_from is not None:
-        history = _restore(resume_from, unwrapped, optimizer, scheduler, state, generator, metrics_path)
-        console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if resume_from is None:
-            metrics_path.write_text("")
-    if cfg.train.log_with:
-        accelerator.init_trackers("ppo-lm", config=_flat(cfg.to_dict()))
-    metrics_log = MetricsLog(metrics_path, accelerator)
-    timer = PhaseTimer()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    last_checkpoint = resume_from.path if resume_from else None
-
-    def save_checkpoint() -> Path | None:
-        accelerator.wait_for_everyone()
-        path = None
-        if accelerator.is_main_process:
-            path = ckpt.save(out / "checkpoints", state.iteration,
-                             model_state={k: p for k, p in unwrapped.named_parameters() if p.requires_grad},
-                             optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
-                             trainer_state=state.state_dict(), rng=ckpt.rng_state(generator),
-                             config=cfg.to_dict(), version=__version__, keep=cfg.train.keep_checkpoints)
-        return path
-
-    interrupted = False
-    with _StopOnSignal() as stop, \
-            _progress(console, cfg.train.iterations, enabled=cfg.train.progress and accelerator.is_main_process,
-                      done=state.iteration) as bar:
-        while state.iteration < cfg.train.iterations:
-            state.iteration += 1
-            timer.reset()
-            indices = state.sampler.next(cfg.rollout.batch_size * world)[rank::world]
-            prompts, prompt_ids, fields = dataset.batch(indices)
-            with timer("rollout"):  # step 1
-                rollout = collect(unwrapped, ref, tokenizer, prompt_ids, prompts, fields, cfg.rollout,
-                                  device=accelerator.device, forward_batch_size=cfg.minibatch_size,
-                                  autocast=accelerator.autocast, timer=timer)
-            with timer("score"):  # steps 2 and 3
-                try:
-                    scored = score(rollout, reward, state, cfg)
-                except RewardError as e:
-                    raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
-            with timer("train"):  # step 4
-                train_stats = update(policy, optimizer, scheduler, accelerator, scored, state, cfg, generator)
-            state.samples_seen += len(indices) * world
-            metrics = iteration_metrics(scored, train_stats, state, timer.seconds, scheduler.get_last_lr()[0])
-            state.kl_controller.update(metrics["kl"], len(indices) * world)
-            metrics_log.log(metrics, step=state.iteration)  # step 5
-            history.append(metrics)
-            bar(metrics)
-            _check_kl(metrics["kl"], cfg, state, warn)
-            if (cfg.train.log_samples and cfg.train.log_samples_every
-                    and state.iteration % cfg.train.log_samples_every == 0 and accelerator.is_main_process):
-                _print_samples(console, scored, cfg.train.log_samples)
-            if stop.requested or (cfg.train.checkpoint_every and state.iteration % cfg.train.checkpoint_every == 0):
-                last_checkpoint = save_checkpoint() or last_checkpoint
-            if stop.requested and state.iteration < cfg.train.iterations:
-                interrupted = True
-                warn(f"stopped by {stop.requested} after iteration {state.iteration}; checkpoint: {last_checkpoint}")
-                break
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not interrupted:
-        if history:
-            plot_metrics(history, out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
-        if cfg.train.save_final:
-            save_policy(unwrapped, tokenizer, out / "final")
-    accelerator.end_training()
-    return TrainResult(policy=unwrapped, tokenizer=tokenizer, metrics=history, output_dir=out,
-                       interrupted=interrupted, checkpoint=last_checkpoint)
-
-
 def _fit_context(cfg: Config, model_config):
     """Prompt + response must fit the model's context: lower the prompt budget to what is left after
     ``max_new_tokens`` (the usual ``prompt_overflow`` rule then truncates or refuses)."""
@@ -464,53 +489,11 @@ def _fit_context(cfg: Config, model_config):
     if room < 1:
         raise UserError(f"rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) leaves no room for a prompt in the "
                         f"model's context of {context} tokens", "rollout.max_new_tokens")
-    return dataclasses.replace(cfg.data, max_prompt_tokens=room)
-
-
-def _find_resume_checkpoint(cfg: Config, out: Path, warn) -> ckpt.Checkpoint | None:
-    """With ``train.resume: auto``, the newest intact checkpoint whose config allows an exact resume."""
-    if cfg.train.resume != "auto":
-        return None
-    found = ckpt.newest_valid(out / "checkpoints", warn)
-    if found is None:
-        warn(f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
-        return None
-    saved = yaml.safe_load((found.path / "config.yaml").read_text())
-    differ = ckpt.incompatible_fields(saved, cfg.to_dict())
-    if differ:
-        raise UserError(f"the config differs from the checkpoint's in {', '.join(differ)}, which breaks exact "
-                        f"resume; restore those values or use a new train.output_dir", str(found.path))
-    return found
-
-
-def _restore(found: ckpt.Checkpoint, policy, optimizer, scheduler, state: TrainState, generator,
-             metrics_path: Path) -> list[dict]:
-    """Load a checkpoint into the live objects; cut metrics.jsonl back to the checkpoint's iteration."""
-    data = ckpt.load(found.path)
-    missing = set(data["model"]) ^ {k for k, p in policy.named_parameters() if p.requires_grad}
-    if missing:
-        raise UserError(f"checkpoint parameters do not match the model ({len(missing)} names differ, e.g. "
-                        f"{sorted(missing)[0]})", str(found.path))
-    params = dict(policy.named_parameters())
-    with torch.no_grad():
-        for name, value in data["model"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(data["optimizer"])
-    scheduler.load_state_dict(data["scheduler"])
-    state.load_state_dict(data["state"])
-    ckpt.set_rng_state(data["rng"], generator)
-    rows = []
-    if metrics_path.exists():
-        import json
-
-        rows = [r for r in read_metrics(metrics_path) if r.get("iteration", 0) <= state.iteration]
-        tmp = metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(metrics_path)
-    return rows
+    return replace(cfg.data, max_prompt_tokens=room)
 
 
 def _check_kl(kl: float, cfg: Config, state: TrainState, warn) -> None:
+    """``ppo.kl_limit``: stop (or warn) when the response KL to the reference passes it."""
     if cfg.ppo.kl_limit is None or kl <= cfg.ppo.kl_limit:
         return
     message = (f"KL to the reference is {kl:.3f} nats per response at iteration {state.iteration}, over "
@@ -518,92 +501,3 @@ def _check_kl(kl: float, cfg: Config, state: TrainState, warn) -> None:
     if cfg.ppo.kl_limit_action == "stop":
         raise TrainingDiverged(message, "ppo.kl_limit")
     warn(f"warning: {message}")
-
-
-class _StopOnSignal:
-    """SIGINT/SIGTERM ask the loop to finish the current iteration, checkpoint and return; a second signal
-    interrupts at once."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self.requested: str | None = None
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        import signal
-
-        if self.requested:  # second signal: give up now
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
-
-
-class _progress:
-    """A rich progress bar that shows the latest reward and KL; silent when disabled."""
-
-    def __init__(self, console, total: int, enabled: bool, done: int = 0):
-        self.console, self.total, self.enabled, self.done = console, total, enabled, done
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda metrics: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(TextColumn("[bold]PPO"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                 TextColumn("{task.description}"), console=self.console, transient=False)
-        self.progress.__enter__()
-        task = self.progress.add_task("", total=self.total, completed=self.done)
-
-        def advance(m: dict) -> None:
-            desc = (f"reward {m['reward_mean']:+.3f}  kl {m['kl']:.3f}  entropy {m['entropy']:.2f}  "
-                    f"{m['time_iteration_s']:.1f}s/it")
-            self.progress.update(task, advance=1, description=desc)
-        return advance
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-        return False
-
-
-def _print_samples(console, scored: ScoredRollout, k: int) -> None:
-    from rich.table import Table
-
-    table = Table(title="samples", show_lines=True)
-    table.add_column("prompt", max_width=40)
-    table.add_column("completion", max_width=60)
-    table.add_column("reward", justify="right")
-    r = scored.rollout
-    for i in range(min(k, len(r.prompts))):
-        table.add_row(r.prompts[i], r.completions[i], f"{scored.raw_scores[i].item():+.3f}")
-    console.print(table)
-
-
-def config_replace(cfg: Config, **sections) -> Config:
-    """A copy of ``cfg`` with some sections' fields replaced: ``config_replace(cfg, ppo={"lr": 1e-4})``."""
-    updates = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
-    return dataclasses.replace(cfg, **updates)

@@ -15,7 +15,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from .composite import RunningMoments, WeightedSum
+from .composite import WeightedSum
+from .shaping import RunningMoments, shape_scores
 from .builtin import BUILTIN
 
 
@@ -43,4 +44,4 @@ def build_reward(reward_cfg, *, device=None) -> WeightedSum:
     return WeightedSum(sources)
 
 
-__all__ = ["RewardFn", "build_reward", "build_source", "WeightedSum", "RunningMoments"]
+__all__ = ["RewardFn", "build_reward", "build_source", "WeightedSum", "RunningMoments", "shape_scores"]

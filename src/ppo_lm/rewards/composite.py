@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
@@ -52,28 +51,3 @@ class WeightedSum:
             parts[name] = check_scores(name, out, len(completions))
             total = total + weight * parts[name]
         return total, parts
-
-
-class RunningMoments:
-    """Running mean and standard deviation of scores (Chan et al. parallel update), for reward normalisation."""
-
-    def __init__(self):
-        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
-
-    def update(self, x: Tensor) -> None:
-        x = x.double()
-        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
-        delta, total = mean - self.mean, self.count + n
-        self.var = (self.var * self.count + var * n + delta ** 2 * self.count * n / total) / total
-        self.mean += delta * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(max(self.var, 1e-12))
-
-    def state_dict(self) -> dict:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
