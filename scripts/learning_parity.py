@@ -64,7 +64,8 @@ def ppo_lm_config(root: str, iters: int, *, lr: float, kl_coef: float, seed: int
     from ppo_lm.bench import bench_config
 
     d = bench_config(root, str(Path(root) / "ours"), iters, lora=False, mixed_precision=mixed_precision).to_dict()
-    d["ppo"].update(lr=lr, kl_coef=kl_coef, value_lr=value_lr, vf_coef=vf_coef)
+    d["ppo"].update(lr=lr, value_lr=value_lr, vf_coef=vf_coef)
+    d["ppo"]["kl"]["coef"] = kl_coef
     d["train"]["seed"] = seed
     if critic:
         d["model"]["critic"] = "policy"

@@ -23,12 +23,12 @@ CLI = [sys.executable, "-m", "ppo_lm.cli"]
 #: scenario -> (example PPO config, panels, [(label, run name, overrides)])
 SCENARIOS = {
     "kl": ("examples/text_generation/ppo.yaml", ["reward_mean", "kl", "distinct_2", "entropy"], [
-        ("lr 3e-4, kl_coef 0.1", "tg_lr3e-4_kl0.1", ["ppo.lr=3e-4", "ppo.kl_coef=0.1"]),
-        ("lr 3e-4, kl_coef 0.3", "tg_lr3e-4_kl0.3", ["ppo.lr=3e-4", "ppo.kl_coef=0.3"]),
+        ("lr 3e-4, kl_coef 0.1", "tg_lr3e-4_kl0.1", ["ppo.lr=3e-4", "ppo.kl.coef=0.1"]),
+        ("lr 3e-4, kl_coef 0.3", "tg_lr3e-4_kl0.3", ["ppo.lr=3e-4", "ppo.kl.coef=0.3"]),
         ("lr 1e-4, kl_coef 0.2 (example)", "tg_example", []),
     ]),
     "collapse": ("examples/sentiment_analysis/ppo.yaml", ["reward_mean", "entropy", "clipfrac", "kl"], [
-        ("lr 3e-3, kl_coef 0.02", "sa_lr3e-3", ["ppo.lr=3e-3", "ppo.kl_coef=0.02", "train.iterations=40"]),
+        ("lr 3e-3, kl_coef 0.02", "sa_lr3e-3", ["ppo.lr=3e-3", "ppo.kl.coef=0.02", "train.iterations=40"]),
         ("lr 2e-4 (example)", "sa_example", ["train.iterations=40"]),
     ]),
     "critic": ("examples/qa/ppo.yaml", ["reward_mean", "kl", "value_loss", "explained_variance"], [

@@ -76,7 +76,7 @@ def tiny_config(model_dir, out_dir, **sections) -> object:
         "data": {"path": "records"},
         "rollout": {"batch_size": 16, "max_new_tokens": 8},
         "reward": {"sources": [{"type": "keyword", "words": ["a"]}]},
-        "ppo": {"lr": 3e-3, "num_minibatches": 2, "kl_coef": 0.01},
+        "ppo": {"lr": 3e-3, "num_minibatches": 2, "kl": {"coef": 0.01}},
         "train": {"output_dir": str(out_dir), "iterations": 2, "progress": False, "log_samples": 0, "seed": 0},
     }
     for name, fields in sections.items():

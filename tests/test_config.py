@@ -40,7 +40,7 @@ def test_dotted_overrides(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = config_from_dict({"model": {"name_or_path": "m"}, "ppo": {"kl_coef": 0.2}})
+    cfg = config_from_dict({"model": {"name_or_path": "m"}, "ppo": {"kl": {"coef": 0.2}}})
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
 
@@ -52,7 +52,7 @@ def test_round_trip_through_dict():
     (GOOD + "  clip_range: 0\n", "ppo.clip_range", 10, "must be > 0"),
     (GOOD + "  value_lr: -1e-3\n", "ppo.value_lr", 10, "must be > 0"),
     (GOOD.replace("batch_size: 8", "batch_size: 9"), "ppo.num_minibatches", 9, "divisible"),
-    (GOOD + "  kl_estimator: k2\n", "ppo.kl_estimator", 10, "one of k1, k3"),
+    (GOOD + "  kl: {estimator: k2}\n", "ppo.kl.estimator", 10, "one of k1, k3"),
     (GOOD + "  gamma: 1.5\n", "ppo.gamma", 10, "in [0, 1]"),
     (GOOD + "train:\n  log_with: [tensorbord]\n", "train.log_with", 11, "unknown tracker"),
     (GOOD + "trainer:\n  x: 1\n", "trainer", 10, "did you mean 'train'"),
@@ -93,7 +93,7 @@ def test_required_model_and_bad_override(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("train.keep_checkpoints=0", "train.keep_checkpoints: must be > 0"),
     ("ppo.max_nonfinite_steps=0", "ppo.max_nonfinite_steps: must be > 0"),
-    ("ppo.kl_limit=-1", "ppo.kl_limit: must be > 0"),
+    ("ppo.kl.limit=-1", "ppo.kl.limit: must be > 0"),
     ("train.checkpoint_every=-1", "train.checkpoint_every: must be >= 0"),
     ("train.resume=yes", "train.resume: must be one of never, auto"),
 ])
@@ -109,3 +109,17 @@ def test_bare_on_and_off_are_the_words_not_booleans(tmp_path):
                     "reward: {sources: [{type: keyword, words: [a]}]}\n")
     assert load_config(path, check_paths=False).data.chat_template == "on"
     assert load_config(path, ["data.chat_template=off"], check_paths=False).data.chat_template == "off"
+
+
+def test_renamed_kl_keys_still_work_with_a_deprecation_warning(tmp_path):
+    """The KL knobs moved under ppo.kl (and target_kl became ppo.early_stop_kl): old configs keep working."""
+    from ppo_lm.config import ConfigDeprecationWarning
+
+    path = write(tmp_path, GOOD + "  kl_coef: 0.2\n  target_kl: 0.05\n")
+    with pytest.warns(ConfigDeprecationWarning, match=r"cfg.yaml:10: ppo.kl_coef is deprecated; use ppo.kl.coef"):
+        cfg = load_config(path, ["ppo.kl_limit=3"], check_paths=False)
+    assert (cfg.ppo.kl.coef, cfg.ppo.early_stop_kl, cfg.ppo.kl.limit) == (0.2, 0.05, 3.0)
+    with pytest.warns(ConfigDeprecationWarning):
+        assert config_from_dict({"model": {"name_or_path": "m"}, "ppo": {"adaptive_kl": True}}).ppo.kl.adaptive
+    with pytest.raises(ConfigError, match=r"cfg.yaml:10: ppo.kl_coef: is the old name of ppo.kl.coef"):
+        load_config(write(tmp_path, GOOD + "  kl_coef: 0.2\n  kl: {coef: 0.3}\n"), check_paths=False)

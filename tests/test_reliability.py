@@ -30,7 +30,7 @@ data: {{path: {data}}}
 rollout: {{batch_size: 8, max_new_tokens: 6}}
 reward:
   sources: [{{type: keyword, words: [a]}}]
-ppo: {{lr: 3.0e-3, num_minibatches: 2, kl_coef: 0.01}}
+ppo: {{lr: 3.0e-3, num_minibatches: 2, kl: {{coef: 0.01}}}}
 train: {{output_dir: {tmp_path / name}, iterations: {iterations}, progress: false, log_samples: 0,
          checkpoint_every: 1, keep_checkpoints: 2, seed: 3}}
 {extra}""")
@@ -158,10 +158,10 @@ def test_nonfinite_loss_is_skipped_then_aborts(tiny_model_dir, tmp_path, monkeyp
 
 
 def test_kl_limit_stops_or_warns(tiny_model_dir, tmp_path):
-    cfg = tiny_config(tiny_model_dir, tmp_path / "stop", ppo={"lr": 3e-2, "num_minibatches": 2, "kl_limit": 1e-6,
-                                                              "kl_limit_action": "stop"},
+    cfg = tiny_config(tiny_model_dir, tmp_path / "stop", ppo={"lr": 3e-2, "num_minibatches": 2,
+                                                              "kl": {"limit": 1e-6, "limit_action": "stop"}},
                       train={"iterations": 5, "checkpoint_every": 0})
-    with pytest.raises(TrainingDiverged, match=r"over ppo.kl_limit"):
+    with pytest.raises(TrainingDiverged, match=r"over ppo.kl.limit"):
         train(cfg, records=prompt_records())
 
 

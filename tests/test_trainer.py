@@ -72,7 +72,7 @@ def test_lora_keeps_one_copy_and_disabled_adapters_are_the_reference(tiny_model_
     base_numel = sum(p.numel() for p in base.parameters())
     cfg = tiny_config(tiny_model_dir, tmp_path, model={"name_or_path": str(tiny_model_dir),
                                                         "lora": {"enabled": True, "r": 4, "alpha": 8}},
-                      ppo={"lr": 5e-2, "num_minibatches": 2, "kl_coef": 0.01}, train={"iterations": 3})
+                      ppo={"lr": 5e-2, "num_minibatches": 2, "kl": {"coef": 0.01}}, train={"iterations": 3})
     policy = load_policy(cfg.model)
     assert make_reference(policy) is None  # no frozen copy: the reference is the policy with adapters off
     lora_numel = sum(p.numel() for n, p in policy.named_parameters() if "lora_" in n)

@@ -105,7 +105,7 @@ def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
                     "top_p": 1.0, "recompute_logprobs": recompute_logprobs},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
-        "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl_coef": 0.05, "kl_estimator": "k1", "gamma": 1.0,
+        "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl": {"coef": 0.05, "estimator": "k1"}, "gamma": 1.0,
                 "gae_lambda": 0.95, "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1,
                 "max_grad_norm": 1.0},
         "train": {"output_dir": out_dir, "iterations": iterations, "seed": 42, "progress": False, "log_samples": 0,

@@ -217,7 +217,9 @@ def find_resume(out: Path, current_config: dict, warn: Callable[[str], None]) ->
     if found is None:
         warn(f"no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
         return None
-    saved = yaml.safe_load((found.path / "config.yaml").read_text())
+    from .config import migrate_renamed
+
+    saved = migrate_renamed(yaml.safe_load((found.path / "config.yaml").read_text()), str(found.path))
     differ = incompatible_fields(saved, current_config)
     if differ:
         raise UserError(f"the config differs from the checkpoint's in {', '.join(differ)}, which breaks exact "

@@ -8,6 +8,7 @@ config reference mirrors. Errors name the field, the file and the line: ``cfg.ya
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, closest_name
 
 # --------------------------------------------------------------------------------------------- schema
 
@@ -135,6 +136,26 @@ class RewardConfig:
 
 
 @dataclass
+class KLConfig:
+    """Everything about the KL to the reference model: the penalty, its adaptive controller, and the guard."""
+
+    #: Penalty coefficient beta of the per-token KL in the reward (the starting value when adaptive).
+    coef: float = 0.05
+    #: Per-token KL estimator: k1 (log p - log q) or k3 ((r - 1) - log r).
+    estimator: Literal["k1", "k3"] = "k1"
+    #: Adapt coef so that the KL per response moves toward target (Ziegler et al. 2019).
+    adaptive: bool = False
+    #: The adaptive controller's target KL, in nats per response.
+    target: float = 6.0
+    #: Horizon of the adaptive controller, in samples.
+    horizon: int = 10000
+    #: Guard on the KL per response (the metric kl; null = none): see limit_action.
+    limit: float | None = None
+    #: What happens when the KL per response passes limit: "warn" or "stop" (exit code 3).
+    limit_action: Literal["warn", "stop"] = "warn"
+
+
+@dataclass
 class PPOConfig:
     #: Passes (epochs) of PPO over each rollout batch.
     epochs: int = 4
@@ -170,28 +191,17 @@ class PPOConfig:
     gamma: float = 1.0
     #: GAE lambda.
     gae_lambda: float = 0.95
-    #: KL penalty coefficient beta (initial value when adaptive_kl is on).
-    kl_coef: float = 0.05
-    #: KL estimator in the per-token penalty: k1 (log p - log q) or k3 ((r - 1) - log r).
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    #: Adapt kl_coef toward kl_target (Ziegler et al. 2019).
-    adaptive_kl: bool = False
-    #: Target KL per sequence for the adaptive controller.
-    kl_target: float = 6.0
-    #: Horizon (in samples) of the adaptive controller.
-    kl_horizon: int = 10000
+    #: The KL to the reference model: penalty, adaptive controller, guard.
+    kl: KLConfig = field(default_factory=KLConfig)
     #: Whiten advantages over the real tokens of the batch.
     whiten_advantages: bool = True
     #: Whiten per-token rewards before GAE.
     whiten_rewards: bool = False
-    #: Stop the epochs of an iteration early when the approximate KL to the rollout policy exceeds this.
-    target_kl: float | None = None
+    #: Stop an iteration's epochs early when the mean approximate KL of an epoch's updates to the policy that
+    #: sampled the batch (not to the reference) passes this (null = never).
+    early_stop_kl: float | None = None
     #: Updates whose loss or gradient is NaN/inf are skipped; this many in a row abort the run.
     max_nonfinite_steps: int = 5
-    #: Bound on the per-response KL to the reference (null = none); see kl_limit_action.
-    kl_limit: float | None = None
-    #: What to do when the KL exceeds kl_limit: "warn" or "stop".
-    kl_limit_action: Literal["warn", "stop"] = "warn"
 
 
 @dataclass
@@ -357,6 +367,54 @@ class RewardModelConfig:
         return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------------------------ renamed keys
+
+#: Keys that moved, per section: old key -> its new dotted place in the section. Old configs keep working, with
+#: a deprecation warning naming the new key.
+RENAMED: dict[str, dict[str, str]] = {
+    "ppo": {"kl_coef": "kl.coef", "kl_estimator": "kl.estimator", "adaptive_kl": "kl.adaptive",
+            "kl_target": "kl.target", "kl_horizon": "kl.horizon", "kl_limit": "kl.limit",
+            "kl_limit_action": "kl.limit_action", "target_kl": "early_stop_kl"},
+}
+
+
+class ConfigDeprecationWarning(FutureWarning):
+    """A config key that was renamed: it still works, under its new name."""
+
+
+def migrate_renamed(raw: dict, source: str = "config", defaults: dict | None = None) -> dict:
+    """Move the renamed keys of ``raw`` (a nested config dict) to their new places, in place, warning once per
+    key. Giving a key under both names, with different values, is an error. ``defaults`` (the schema's defaults
+    as a dict) tells a new key set by the user from one only filled in with its default."""
+    import warnings
+
+    for section, renamed in RENAMED.items():
+        node = raw.get(section)
+        if not isinstance(node, dict):
+            continue
+        lines = getattr(node, "lines", {})
+        for old in [k for k in node if k in renamed]:
+            new = renamed[old]
+            *parents, last = new.split(".")
+            target, default = node, (defaults or {}).get(section, {})
+            for part in parents:
+                if not isinstance(target.get(part), dict):
+                    target[part] = _Located()
+                    target[part].lines = {}
+                target, default = target[part], default.get(part, {}) if isinstance(default, dict) else {}
+            line = lines.get(old)
+            if last in target and target[last] != node[old] and target[last] != default.get(last, object()):
+                raise _error(f"{section}.{old}", f"is the old name of {section}.{new}, which is also set; keep only "
+                                                 f"{section}.{new}", source, line)
+            target[last] = node.pop(old)
+            if isinstance(target, _Located):
+                target.lines[last] = line if line is not None else COMMAND_LINE
+            place = "command line" if line == COMMAND_LINE else f"{source}:{line}" if line else source
+            warnings.warn(f"{place}: {section}.{old} is deprecated; use {section}.{new}", ConfigDeprecationWarning,
+                          stacklevel=2)
+    return raw
+
+
 # ------------------------------------------------------------------------------------ YAML with lines
 
 
@@ -442,15 +500,6 @@ def _error(field: str, what: str, source: str, line: int | None) -> ConfigError:
     if line == COMMAND_LINE:
         return ConfigError(field, what, "command line")
     return ConfigError(field, what, source, line)
-
-
-def closest_name(key: str, names: list[str]) -> str | None:
-    """The name in ``names`` that ``key`` was most likely meant to be (for "did you mean" hints), or None."""
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if close:
-        return close[0]
-    related = [n for n in names if len(n) > 1 and (n in key or key in n)]
-    return max(related, key=len) if related else None
 
 
 class _Builder:
@@ -567,9 +616,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         raw = _read_yaml(path)
     schema = schema or Config
-    raw = _with_defaults(dataclasses.asdict(schema()), raw)
+    defaults = dataclasses.asdict(schema())
+    raw = _with_defaults(defaults, raw)
     for item in overrides:
         apply_override(raw, item)
+    migrate_renamed(raw, source, defaults)
     cfg = _Builder(source).build(schema, raw, "", None)
     check = validate if schema is Config else validate_stage
     check(cfg, source=source, lines=_flatten_lines(raw), check_paths=check_paths)
@@ -625,6 +676,7 @@ def _located_copy(value: Any) -> Any:
 
 def config_from_dict(data: dict, *, check_paths: bool = False) -> Config:
     """Build and validate a :class:`Config` from a plain nested dict (library use)."""
+    data = migrate_renamed(copy.deepcopy(data))
     cfg = _Builder("config").build(Config, data, "", None)
     validate(cfg, source="config", lines={}, check_paths=check_paths)
     return cfg
@@ -677,8 +729,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                        ("ppo.lr", cfg.ppo.lr), ("ppo.value_lr", cfg.ppo.value_lr),
                        ("ppo.clip_range", cfg.ppo.clip_range),
                        ("ppo.clip_range_value", cfg.ppo.clip_range_value), ("ppo.adam_eps", cfg.ppo.adam_eps),
-                       ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl_target", cfg.ppo.kl_target),
-                       ("ppo.kl_horizon", cfg.ppo.kl_horizon), ("ppo.target_kl", cfg.ppo.target_kl),
+                       ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl.target", cfg.ppo.kl.target),
+                       ("ppo.kl.horizon", cfg.ppo.kl.horizon), ("ppo.early_stop_kl", cfg.ppo.early_stop_kl),
                        ("rollout.batch_size", cfg.rollout.batch_size),
                        ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
                        ("rollout.temperature", cfg.rollout.temperature),
@@ -687,10 +739,10 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                        ("train.iterations", cfg.train.iterations), ("model.lora.r", cfg.model.lora.r),
                        ("model.lora.alpha", cfg.model.lora.alpha), ("reward.clip", cfg.reward.clip),
                        ("train.keep_checkpoints", cfg.train.keep_checkpoints),
-                       ("ppo.max_nonfinite_steps", cfg.ppo.max_nonfinite_steps), ("ppo.kl_limit", cfg.ppo.kl_limit)]:
+                       ("ppo.max_nonfinite_steps", cfg.ppo.max_nonfinite_steps), ("ppo.kl.limit", cfg.ppo.kl.limit)]:
         positive(key, value)
     for key, value in [("ppo.vf_coef", cfg.ppo.vf_coef), ("ppo.ent_coef", cfg.ppo.ent_coef),
-                       ("ppo.kl_coef", cfg.ppo.kl_coef), ("ppo.weight_decay", cfg.ppo.weight_decay),
+                       ("ppo.kl.coef", cfg.ppo.kl.coef), ("ppo.weight_decay", cfg.ppo.weight_decay),
                        ("ppo.warmup_steps", cfg.ppo.warmup_steps), ("rollout.top_k", cfg.rollout.top_k),
                        ("model.value_head_init_std", cfg.model.value_head_init_std),
                        ("train.log_samples", cfg.train.log_samples),

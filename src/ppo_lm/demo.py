@@ -155,7 +155,7 @@ def demo_config(model_path: Path, output_dir: Path, iterations: int):
         "data": {"path": "(generated)", "max_prompt_tokens": 32},
         "rollout": {"batch_size": 64, "max_new_tokens": 24, "temperature": 1.0},
         "reward": {"sources": [{"type": "sentiment"}]},
-        "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-4, "kl_coef": 0.1, "vf_coef": 0.1,
+        "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-4, "kl": {"coef": 0.1}, "vf_coef": 0.1,
                 "gae_lambda": 0.95},
         "train": {"output_dir": str(output_dir), "iterations": iterations, "seed": 0, "log_samples": 2,
                   "log_samples_every": 10},
@@ -201,7 +201,7 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     before_c, before_s = sample_table(before_model, tokenizer, eval_prompts, sentiment, seed=1)
 
     console.print(f"\n[bold]PPO[/]: {iterations} iterations of {cfg.rollout.batch_size} prompts, reward = VADER "
-                  f"sentiment of the continuation, kl_coef {cfg.ppo.kl_coef}")
+                  f"sentiment of the continuation, kl.coef {cfg.ppo.kl.coef}")
     result = train(cfg, records=records, console=console)
     after_model = result.policy.lm
     after_model.eval()

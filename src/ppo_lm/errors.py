@@ -6,6 +6,8 @@ The library raises :class:`UserError` for anything the user can fix; the CLI tur
 
 from __future__ import annotations
 
+import difflib
+
 
 class UserError(Exception):
     """A problem with the user's input, reported as one line.
@@ -38,3 +40,12 @@ class TrainingDiverged(UserError):
     """Training stopped because a quantity went non-finite repeatedly or the KL passed its bound."""
 
     exit_code = 3
+
+
+def closest_name(key: str, names: list[str]) -> str | None:
+    """The name in ``names`` that ``key`` was most likely meant to be (for "did you mean" hints), or None."""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    related = [n for n in names if len(n) > 1 and (n in key or key in n)]
+    return max(related, key=len) if related else None

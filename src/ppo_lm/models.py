@@ -152,7 +152,7 @@ def prepare_model(model: nn.Module) -> None:
     fuse_gelu(model)
 
 
-def _no_dropout_config(config):
+def no_dropout_config(config):
     for key, value in config.to_dict().items():
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             setattr(config, key, 0.0)
@@ -308,7 +308,7 @@ def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_co
                    field: str = "model.name_or_path"):
     from transformers import AutoModelForCausalLM
 
-    config = _no_dropout_config(load_config_checked(name_or_path, kind="causal", field=field,
+    config = no_dropout_config(load_config_checked(name_or_path, kind="causal", field=field,
                                                     trust_remote_code=trust_remote_code))
     lm = from_pretrained(AutoModelForCausalLM, name_or_path, field=field, config=config, dtype=DTYPES[dtype],
                          trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
@@ -357,7 +357,7 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
         from transformers import AutoModel
 
         path = model_cfg.name_or_path if model_cfg.critic == "policy" else model_cfg.critic
-        config = _no_dropout_config(load_config_checked(path, kind="causal", field="model.critic",
+        config = no_dropout_config(load_config_checked(path, kind="causal", field="model.critic",
                                                         trust_remote_code=model_cfg.trust_remote_code))
         critic = from_pretrained(AutoModel, path, field="model.critic", config=config, dtype=DTYPES[model_cfg.dtype],
                                  trust_remote_code=model_cfg.trust_remote_code, use_safetensors=_safetensors(path))

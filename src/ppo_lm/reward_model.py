@@ -20,7 +20,7 @@ from .config import RewardModelConfig
 from .data import load_records
 from .errors import UserError
 from .data import use_chat_template
-from .models import DTYPES, _no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
+from .models import DTYPES, no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
 from .rewards.model import ENCODING_KEY, encode_for_reward, pad_right
 from .sft import fit, micro_batches, split_records
 from .tracking import MetricsLog
@@ -72,7 +72,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     seed_everything(cfg.train.seed)
     d = cfg.data
     kind = "classifier" if is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
-    config = _no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
+    config = no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
                                                     trust_remote_code=cfg.model.trust_remote_code))
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,

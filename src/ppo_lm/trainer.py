@@ -95,7 +95,7 @@ def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, pp
     """Step 3: per-token reward = ``-kl_coef * KL`` on every response token plus the score at the last one, then
     GAE advantages and returns (``ppo``: the config's PPO section)."""
     mask = rollout.response_mask
-    kl = algo.KL_ESTIMATORS[ppo.kl_estimator](rollout.logprobs, rollout.ref_logprobs) * mask
+    kl = algo.KL_ESTIMATORS[ppo.kl.estimator](rollout.logprobs, rollout.ref_logprobs) * mask
     rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
     if ppo.whiten_rewards:
         rewards = algo.masked_whiten(rewards, mask, shift_mean=False)
@@ -185,7 +185,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                                    ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean)):
                     stats[key].append(float(value.detach()))
                 epoch_kl.append(float(pg.approx_kl))
-        if ppo.target_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > ppo.target_kl:
+        if ppo.early_stop_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > ppo.early_stop_kl:
             break  # early stop: the policy has moved far enough from the one that sampled the data
     out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["epochs_run"] = epoch + 1
@@ -372,8 +372,9 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     reward = make_reward(cfg, reward_fn, accelerator.device)
     policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
     model: PolicyWithValue = accelerator.unwrap_model(policy)
-    kl_ctl = (algo.AdaptiveKLController(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
-              if cfg.ppo.adaptive_kl else algo.FixedKLController(cfg.ppo.kl_coef))
+    kl = cfg.ppo.kl
+    kl_ctl = (algo.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
+              else algo.FixedKLController(kl.coef))
     state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
                        kl_controller=kl_ctl)
     generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -493,11 +494,11 @@ def _fit_context(cfg: Config, model_config):
 
 
 def _check_kl(kl: float, cfg: Config, state: TrainState, warn) -> None:
-    """``ppo.kl_limit``: stop (or warn) when the response KL to the reference passes it."""
-    if cfg.ppo.kl_limit is None or kl <= cfg.ppo.kl_limit:
+    """``ppo.kl.limit``: stop (or warn) when the response KL to the reference passes it."""
+    if cfg.ppo.kl.limit is None or kl <= cfg.ppo.kl.limit:
         return
     message = (f"KL to the reference is {kl:.3f} nats per response at iteration {state.iteration}, over "
-               f"ppo.kl_limit ({cfg.ppo.kl_limit}); raise ppo.kl_coef or lower ppo.lr")
-    if cfg.ppo.kl_limit_action == "stop":
-        raise TrainingDiverged(message, "ppo.kl_limit")
+               f"ppo.kl.limit ({cfg.ppo.kl.limit}); raise ppo.kl.coef or lower ppo.lr")
+    if cfg.ppo.kl.limit_action == "stop":
+        raise TrainingDiverged(message, "ppo.kl.limit")
     warn(f"warning: {message}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UserError
-from ..models import DTYPES, _no_dropout_config, from_pretrained, load_config_checked, load_tokenizer, prepare_model
+from ..models import DTYPES, no_dropout_config, from_pretrained, load_config_checked, load_tokenizer, prepare_model
 
 
 #: The key in a reward model's config.json that records how its texts were encoded in training.
@@ -46,7 +46,7 @@ class RewardModel:
                  max_length: int = 1024, trust_remote_code: bool = False, field: str = "reward.sources.path"):
         from transformers import AutoModelForSequenceClassification
 
-        config = _no_dropout_config(load_config_checked(path, kind="classifier", field=field,
+        config = no_dropout_config(load_config_checked(path, kind="classifier", field=field,
                                                         trust_remote_code=trust_remote_code))
         if config.num_labels not in (1, 2):
             raise UserError(f"reward model {path!r} has {config.num_labels} labels; use a 1-label (score) or "

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..data import load_records
-from ..errors import UserError
+from ..errors import UserError, closest_name
 from . import qa, sentiment_analysis, text_generation
 
 
@@ -47,8 +47,6 @@ TASKS: dict[str, Task] = {
 
 def unknown(name: str) -> str:
     """What is wrong with a task name that is not registered, with a did-you-mean when one is close."""
-    from ..config import closest_name
-
     close = closest_name(name, list(TASKS))
     return f"unknown task {name!r} " + (f"(did you mean '{close}'?)" if close else f"(known: {', '.join(TASKS)})")
 
