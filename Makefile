@@ -43,4 +43,4 @@ clean:
 
 # Side by side with TRL's PPOTrainer; needs TRL_PEER_VENV (a venv with trl==1.12.0), skips without it.
 bench-compare: $(STAMP)
-	$(BIN)/python scripts/bench_compare.py --sizes $(or $(SIZES),tiny)
+	$(BIN)/python benchmarks/bench_compare.py --sizes $(or $(SIZES),tiny)

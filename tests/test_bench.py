@@ -1,10 +1,14 @@
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
 from ppo_lm import toy
-from ppo_lm.bench import model_flops, peer_flops, synthetic_prompts
+from ppo_lm.bench import model_flops, synthetic_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from peer_flops import peer_flops, trl_iteration_tflops  # noqa: E402  (the peer's FLOP model is lab code)
 
 
 def test_model_flops_by_hand():
@@ -67,6 +71,15 @@ def test_model_flops_by_hand_with_lora():
                                                                                    "rollout": 72640}
 
 
+def test_trl_flops_from_a_saved_config_alone(tmp_path):
+    """bench_compare counts TRL's work from the peer's saved policy config, built on the meta device."""
+    tok = toy.word_tokenizer("a b c d e f g h i j".split())
+    lm = toy.gpt2(tok, n_layer=1, n_embd=8, n_head=2, n_positions=64)
+    toy.save_model(lm, tok, tmp_path / "policy")
+    counted = sum(peer_flops(lm, batch=64, prompt_len=16, new_tokens=32, epochs=4).values()) / 1e12
+    assert trl_iteration_tflops(tmp_path / "policy") == round(counted, 3)
+
+
 def test_bench_prompts_match_the_peer_recipe():
     prompts = synthetic_prompts()
     assert len(prompts) == 256 and all(len(p.split()) == 16 for p in prompts)
@@ -74,7 +87,7 @@ def test_bench_prompts_match_the_peer_recipe():
 
 
 def _load(path: Path, name: str):
-    """A script that is not on the import path (ours in scripts/, or the peer's), as a module."""
+    """A script that is not on the import path (ours in benchmarks/, or the peer's), as a module."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -86,7 +99,7 @@ def test_bench_prompts_equal_the_peers_when_present():
 
 
 def test_learning_parity_statistics_by_hand():
-    compare = _load(Path(__file__).resolve().parents[1] / "scripts" / "learning_parity.py", "learning_parity").compare
+    compare = _load(Path(__file__).resolve().parents[1] / "benchmarks" / "learning_parity.py", "learning_parity").compare
     s = compare([0.8, 0.9], [0.7, 0.8, 0.9])
     assert s["trl"] == {"n": 2, "mean": 0.85, "sd": round(0.1 / 2**0.5, 4)}
     assert s["ppo_lm"] == {"n": 3, "mean": 0.8, "sd": 0.1}
@@ -108,7 +121,7 @@ def _peer_dir() -> Path:
 def test_peer_script_edits_each_match_once():
     """bench_compare edits a copy of the peer's script for a Qwen2 size, bf16 and a GPU: every edit must find its
     text exactly once in the real script, and the edited script must still be Python."""
-    compare = _load(Path(__file__).resolve().parents[1] / "scripts" / "bench_compare.py", "bench_compare")
+    compare = _load(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compare.py", "bench_compare")
     text = (_peer_dir() / "bench_trl_ppo.py").read_text()
     assert compare.peer_patches("tiny", bf16=False, gpu=False) == {}
     assert set(compare.peer_patches("small", bf16=True, gpu=False)) == {"bf16=False,"}
@@ -130,7 +143,7 @@ def test_peer_models_in_the_qwen2_architecture(tmp_path):
 
     shape = dict(vocab_size=128, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True)
-    script = Path(__file__).resolve().parents[1] / "scripts" / "peer_models.py"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "peer_models.py"
     subprocess.run([sys.executable, str(script), str(tmp_path), "qwen-test", json.dumps(shape)], cwd=_peer_dir(),
                    check=True, capture_output=True)
     root = tmp_path / "qwen-test"

@@ -131,7 +131,7 @@ def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 
     return best
 
 
-def _shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
+def shape_flops(lm, prompt_len: int, new_tokens: int) -> dict:
     """Matmul FLOPs of the pieces one sequence goes through (2 FLOPs per multiply-add):
 
     * ``trunk``: a forward of the whole sequence through the transformer: 2 N per token (N = parameters outside
@@ -179,7 +179,7 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
       rollout and ``epochs`` x (forward + backward) to training;
     * ``recompute_logprobs``: the policy runs over the full sequences once more in the rollout.
     """
-    f = _shape_flops(lm, prompt_len, new_tokens)
+    f = shape_flops(lm, prompt_len, new_tokens)
     head = f["head"] * new_tokens
     forward = f["trunk"] + head
     backward = f["weights"] + f["trained"] + 2 * f["attention"] + head * (1 + f["head_trained"])
@@ -188,24 +188,6 @@ def model_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int
     return {"train": (forward + backward + 3 * critic_trunk) * batch * epochs,
             "rollout": batch * (f["generate"] + base_trunk + head + recompute_logprobs * forward + critic_trunk),
             "score": batch * base_trunk}
-
-
-def peer_flops(lm, *, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
-    """The same count for TRL 1.12.0's PPOTrainer on the same configuration (full fine-tuning of the model
-    without any adapters), from how it computes:
-
-    * its forwards take the logits of every position (the LM head runs on the prompt too);
-    * rollout: generation (the old logprobs come from the generation logits), the reference forward, and one
-      trunk pass each of the separate value model and the reward model;
-    * training: ``epochs`` x (forward + backward = 3 x forward) of the policy and of the value model (a second
-      trunk).
-    """
-    f = _shape_flops(lm, prompt_len, new_tokens)
-    trunk = f["trunk"] - f["adapters"]
-    generate = f["generate"] - f["adapters"] // f["seq"] * new_tokens
-    full = trunk + f["head"] * f["seq"]
-    return {"train": 3 * (full + trunk) * batch * epochs,
-            "rollout": batch * (generate + full + 2 * trunk)}
 
 
 def peak_rss_mib() -> float:
@@ -246,7 +228,6 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         base = base_model(result.policy.lm)
         flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic,
                             recompute_logprobs=recompute_logprobs)
-        peer = peer_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4)
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
     peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device, n=n)) for name, dtype in dtypes}
@@ -272,8 +253,6 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "train_mfu_vs_bf16_peak": round(flops["train"] / med("time_train_s") / peaks["bf16"], 3),
         "rollout_gflops_per_s": round(flops["rollout"] / med("time_rollout_s") / 1e9, 1),
         "iteration_tflops": round(sum(flops.values()) / 1e12, 3),
-        # what TRL's PPOTrainer computes for the same iteration: the speed-up a tool can get at equal FLOP/s
-        "trl_iteration_tflops": round(sum(peer.values()) / 1e12, 3),
         "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),

@@ -114,7 +114,7 @@ def lm_forward(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor, n_respo
 
 def attention_kernel(device: torch.device, mixed_precision: str, seq_len: int):
     """On CPU in bf16, PyTorch's flash-attention backward is 1.6-2.6x slower than the plain math kernel for
-    sequences up to 128 tokens, and faster beyond (scripts/sdpa_backward.py); pick the faster one."""
+    sequences up to 128 tokens, and faster beyond (benchmarks/sdpa_backward.py); pick the faster one."""
     if device.type == "cpu" and mixed_precision == "bf16" and seq_len <= 128:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

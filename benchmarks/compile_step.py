@@ -2,7 +2,7 @@
 policy (16 sequences of 16 + 32 tokens: forward through ``models.lm_forward``, token logprobs, backward, fused AdamW),
 eager against compiled (the forward alone, or the forward with the loss), in fp32 or bf16 autocast.
 
-    .venv/bin/python scripts/compile_step.py [--size tiny] [--precision fp32|bf16] [--steps 16]
+    .venv/bin/python benchmarks/compile_step.py [--size tiny] [--precision fp32|bf16] [--steps 16]
 
 Prints one JSON line per mode: the first step (compilation included) and the median step afterwards.
 """

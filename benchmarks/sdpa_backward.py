@@ -3,7 +3,7 @@
 plain math kernel, by sequence length and dtype (16 sequences, 4 heads of 64). The trainer uses the math kernel
 for training minibatches on CPU in bf16 up to 128 tokens, where this shows it faster.
 
-    .venv/bin/python scripts/sdpa_backward.py
+    .venv/bin/python benchmarks/sdpa_backward.py
 """
 import json
 import time

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Models for TRL's side of the benchmark in the Qwen2 architecture, laid out as the peer's ``make_models.py`` lays
 out its GPT-2 ones (that script knows only "tiny" and "small"). Run with the peer's virtual environment from the
-peer's folder, whose ``make_models.py`` gives the tokenizer; ``scripts/bench_compare.py`` does this:
+peer's folder, whose ``make_models.py`` gives the tokenizer; ``benchmarks/bench_compare.py`` does this:
 
-    cd ../shared/peers/trl_ppo && $TRL_PEER_VENV/bin/python .../scripts/peer_models.py OUT SIZE 'CONFIG_JSON'
+    cd ../shared/peers/trl_ppo && $TRL_PEER_VENV/bin/python .../benchmarks/peer_models.py OUT SIZE 'CONFIG_JSON'
 
 It writes OUT/SIZE/{tokenizer,policy,value,reward}: the peer's word-level tokenizer, a ``Qwen2ForCausalLM``
 (seed 1) and two ``Qwen2ForSequenceClassification`` with one label (seeds 2 and 3), all random init from the

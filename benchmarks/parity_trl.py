@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The TRL half of scripts/learning_parity.py; runs in the peer's virtual environment (trl==1.12.0), not ours.
+"""The TRL half of benchmarks/learning_parity.py; runs in the peer's virtual environment (trl==1.12.0), not ours.
 
 It trains the policy in MODELS/policy with TRL's PPOTrainer on the task of learning_parity.py (reward = the
 fraction of response tokens whose id is below --target-below) and prints, as its last line, a JSON object with

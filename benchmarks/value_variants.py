@@ -1,11 +1,11 @@
 #!/usr/bin/env python
 """Exploration behind docs/PERFORMANCE.md ("Learning is not traded for speed"): ppo-lm's half of the stories
-parity run (scripts/learning_parity.py --pretrained, no TRL) with other value estimators, patched in for the run
+parity run (benchmarks/learning_parity.py --pretrained, no TRL) with other value estimators, patched in for the run
 only. Prints one JSON line per seed: the mean reward of the last 5 iterations and the explained variance.
 
-    .venv/bin/python scripts/value_variants.py --seeds 0 1 2 3 4 --value-lr 3e-3 --head mlp
-    .venv/bin/python scripts/value_variants.py --seeds 0 1 2 3 4 --critic-layers 2
-    .venv/bin/python scripts/value_variants.py --seeds 0 1 2 3 4 --value-lr 9e-3 --set ppo.vf_coef=1.0
+    .venv/bin/python benchmarks/value_variants.py --seeds 0 1 2 3 4 --value-lr 3e-3 --head mlp
+    .venv/bin/python benchmarks/value_variants.py --seeds 0 1 2 3 4 --critic-layers 2
+    .venv/bin/python benchmarks/value_variants.py --seeds 0 1 2 3 4 --value-lr 9e-3 --set ppo.vf_coef=1.0
 
 --head mlp: Linear(H, m*H) -> GELU -> Linear(m*H, 1) instead of ppo-lm's Linear(H, 1) (m = --mlp-width);
 --detach: the value loss does not reach the trunk; --critic-layers N: a separate critic made of the policy's
@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> int:

@@ -2,7 +2,7 @@
 """Is learning traded for speed? Train the same random-init `tiny` policy on the same task, seed and
 hyper-parameters with TRL's PPOTrainer and with ppo-lm, and plot both reward curves against samples seen.
 
-    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python scripts/learning_parity.py --iters 30
+    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python benchmarks/learning_parity.py --iters 30
 
 Task: reward = fraction of the 32 response tokens whose id is in [3, 4096) of an 8192-word vocabulary (so a
 random policy starts near 0.5). Configuration otherwise as `ppo-lm bench` (64 prompts of 16 tokens, 4 epochs x 4
@@ -14,7 +14,7 @@ With ``--pretrained DIR --stories FILE`` the policy is a real pretrained model (
 and the reward is the VADER sentiment of the response on both sides (TRL gets it through a reward module that
 decodes the response):
 
-    TRL_PEER_VENV=... python scripts/learning_parity.py --pretrained ../shared/assets/stories260K/hf \
+    TRL_PEER_VENV=... python benchmarks/learning_parity.py --pretrained ../shared/assets/stories260K/hf \
         --stories ../shared/assets/tinystories_text/tinystories_train_head.jsonl --lr 3e-4 --critic --seed 0
 """
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> int:
         if earlier is not None:
             trl = earlier["trl_reward"]
         else:
-            cmd = [str(Path(venv, "bin", "python")), str(ROOT / "scripts" / "parity_trl.py"), "--models", tmp,
+            cmd = [str(Path(venv, "bin", "python")), str(ROOT / "benchmarks" / "parity_trl.py"), "--models", tmp,
                    "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
                    "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
             print("$", " ".join(cmd), flush=True)

@@ -2,7 +2,7 @@
 """Run TRL's PPOTrainer (the peer) and `ppo-lm bench` on the same fixed configuration, one after the other on
 this machine, and print the ratios.
 
-    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python scripts/bench_compare.py --sizes tiny small
+    TRL_PEER_VENV=/tmp/trl-peer/trl-venv python benchmarks/bench_compare.py --sizes tiny small
 
 TRL_PEER_VENV is a virtual environment with trl==1.12.0 installed (see ../shared/peers/trl_ppo/README.md).
 Without it the script says so and exits 0. The peer's scaffolding is read from ../shared/peers/trl_ppo
@@ -12,12 +12,12 @@ plot of seconds per phase beside it.
 The peer's script runs TRL in fp32 on the CPU (``bf16=False``, although PPOConfig defaults to ``bf16=True``).
 ``--peer-bf16`` also runs it with ``bf16=True``, so that ppo-lm's bf16 rows can be set against TRL's own bf16. The
 Qwen2-architecture sizes (``qwen-tiny``, ``qwen0.5b``) are not the peer's: their models come from
-``scripts/peer_models.py``. On a machine with a GPU, TRL runs on it in bf16 (``use_cpu=False``, ``bf16=True``)
+``benchmarks/peer_models.py``. On a machine with a GPU, TRL runs on it in bf16 (``use_cpu=False``, ``bf16=True``)
 and also reports its peak GPU memory. Each of these runs a copy of the peer's script with those few edits (each
 a string that must occur exactly once in it, or the run stops), never the peer's folder itself.
 
 Besides the measured ratios, each row has ``flop_ratio``: the matmul FLOPs TRL's PPOTrainer spends on one iteration
-over ppo-lm's (``bench.peer_flops`` / ``bench.model_flops``). It is the speed-up either tool would get from doing
+over ppo-lm's (``peer_flops.py`` / ``ppo_lm.bench.model_flops``). It is the speed-up either tool would get from doing
 less work at the same FLOP/s, so ``speedup / flop_ratio`` is how much more work per second ppo-lm gets done.
 """
 
@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from ppo_lm.bench import QWEN_SHAPES, SIZES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_flops import trl_iteration_tflops  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER_SIZES = ("tiny", "small")  # the sizes the peer's scaffolding builds and runs itself (bench.SHAPES)
@@ -150,7 +153,7 @@ def main() -> int:
     for size in a.sizes:
         if not (models / size / "policy").exists():
             build = (["make_models.py", str(models), "--size", size] if size in PEER_SIZES else
-                     [str(ROOT / "scripts" / "peer_models.py"), str(models), size, json.dumps(QWEN_SHAPES[size])])
+                     [str(ROOT / "benchmarks" / "peer_models.py"), str(models), size, json.dumps(QWEN_SHAPES[size])])
             subprocess.run([str(peer_python), *build], cwd=peer_dir, check=True)
         trl_iters = a.trl_iters or (5 if size.endswith("tiny") else 3)
         trl_cmd = [str(peer_python), "bench_trl_ppo.py", "--models", str(models), "--size", size, "--iters", str(trl_iters)]
@@ -161,10 +164,11 @@ def main() -> int:
         for mode in a.modes:
             ours[mode] = run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size,
                               "--iterations", str(a.iters or trl_iters), *MODES[mode]])
-        ratios = {}
+        ratios, trl_tflops = {}, trl_iteration_tflops(models / size / "policy")
         for mode, o in ours.items():
             speedup = trl["sec_per_iter_median"] / o["seconds_per_iteration"]
-            flop_ratio = o["trl_iteration_tflops"] / o["iteration_tflops"]
+            o["trl_iteration_tflops"] = trl_tflops  # what TRL computes for the same iteration (peer_flops.py)
+            flop_ratio = trl_tflops / o["iteration_tflops"]
             ratios[mode] = {"speedup_vs_trl": round(speedup, 2),
                             "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3),
                             "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
