@@ -48,7 +48,8 @@ def reverse_records(n=120, seed=0):
 @pytest.mark.slow
 @pytest.mark.learning
 def test_sft_lowers_held_out_loss_and_feeds_ppo(tiny_model_dir, tmp_path, learned):
-    """MEASURED_SFT"""
+    """Measured (scripts/learning_spread.py, 2026-12-02, seeds 0-4 x three kernel paths): the held-out loss falls
+    by 40-42% (the seed draws the held-out split); the bar is a fall of 30%."""
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=records", "optim.epochs=6",
                              "optim.lr=3e-3", "optim.batch_size=16", f"train.output_dir={tmp_path / 'sft'}",
                              "train.progress=false", f"train.seed={LEARNING_SEED}"], schema=SFTConfig, check_paths=False)
@@ -73,7 +74,8 @@ def preference_records(n=160, seed=0):
 @pytest.mark.slow
 @pytest.mark.learning
 def test_pairwise_reward_model_beats_chance_and_is_a_reward_source(tiny_model_dir, tmp_path, learned):
-    """MEASURED_PAIRWISE"""
+    """Measured (scripts/learning_spread.py, 2026-12-02, seeds 0-4 x three kernel paths): held-out accuracy 1.0 in
+    all 15 runs; the bar is 0.8 (chance is 0.5)."""
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=records", "optim.epochs=8",
                              "optim.lr=3e-3", f"train.output_dir={tmp_path / 'rm'}", "train.progress=false",
                              "data.eval_fraction=0.25", f"train.seed={LEARNING_SEED}"], schema=RewardModelConfig,
@@ -90,7 +92,8 @@ def test_pairwise_reward_model_beats_chance_and_is_a_reward_source(tiny_model_di
 @pytest.mark.slow
 @pytest.mark.learning
 def test_pointwise_reward_model(tiny_model_dir, tmp_path, learned):
-    """MEASURED_POINTWISE"""
+    """Measured (scripts/learning_spread.py, 2026-12-02, seeds 0-4 x three kernel paths): held-out accuracy 1.0 in
+    all 15 runs; the bar is 0.8 (chance is about 0.5)."""
     rng = random.Random(1)
     records = []
     for _ in range(160):
