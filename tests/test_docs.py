@@ -50,3 +50,14 @@ def test_each_english_page_has_its_chinese_twin():
         if page.name.endswith(".zh-CN.md") or page.name in ("PERFORMANCE.md", "RESULTS.md"):
             continue
         assert page.with_name(page.stem + ".zh-CN.md").exists(), page.name
+
+
+def test_the_config_reference_is_generated_from_the_schema():
+    """docs/config.md and docs/config.zh-CN.md hold what scripts/config_reference.py writes from the config
+    dataclasses (a new field needs its #: comment and its Chinese text in docs/config.zh-CN.yaml)."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "config_reference.py"), "--check"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

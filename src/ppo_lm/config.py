@@ -42,7 +42,7 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    #: Policy: a local transformers folder or a hub name (any AutoModelForCausalLM).
+    #: Policy: a local transformers folder or a hub name (any AutoModelForCausalLM). Required.
     name_or_path: str = ""
     #: Tokenizer folder or hub name; defaults to name_or_path.
     tokenizer: str | None = None
@@ -64,6 +64,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     #: Prompt dataset: a .jsonl/.json/.csv/.parquet file, a saved datasets folder, or a hub dataset name.
+    #: Required for `ppo-lm train`.
     path: str = ""
     #: Split to read when the source has splits.
     split: str = "train"
@@ -167,7 +168,8 @@ class PPOConfig:
     lr: float = 1e-5
     #: Learning rate of the value side: the value head, and the separate critic when model.critic is set
     #: (null = ppo.lr). A value head on the policy's trunk is one linear layer; at the policy's small lr its
-    #: estimates lag the returns (low explained_variance), and 10-30x ppo.lr lets it keep up.
+    #: estimates lag the returns (low explained_variance), and 10-30x ppo.lr lets it keep up (with vf_coef 1.0 it
+    #: matched TRL in docs/PERFORMANCE.md; alone it did not move the reward there).
     value_lr: float | None = None
     #: Learning-rate schedule over all optimiser steps: constant, linear or cosine.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
@@ -242,7 +244,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    #: Application (qa | text_generation | sentiment_analysis) whose metric `ppo-lm eval` adds; null = none.
+    #: Application (qa | text_generation | sentiment_analysis) whose metric `ppo-lm eval` adds; null = none. An
+    #: unknown name gets a "did you mean" suggestion. `ppo-lm train` does not use it.
     task: str | None = None
 
     @property
@@ -264,7 +267,8 @@ class Config:
 class OptimConfig:
     #: Passes over the training split.
     epochs: int = 1
-    #: Examples per optimiser step (split into gradient_accumulation_steps micro-batches).
+    #: Examples per optimiser step (split into gradient_accumulation_steps micro-batches). In pairwise mode an
+    #: example is a pair.
     batch_size: int = 16
     #: Micro-batches accumulated per optimiser step.
     gradient_accumulation_steps: int = 1
@@ -296,7 +300,7 @@ class StageRunConfig:
 
 @dataclass
 class SFTDataConfig:
-    #: Demonstrations: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name.
+    #: Demonstrations: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name. Required.
     path: str = ""
     #: Split to read when the source has splits.
     split: str = "train"
@@ -327,7 +331,7 @@ class SFTConfig:
 
 @dataclass
 class RMDataConfig:
-    #: Preference or labelled data: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name.
+    #: Preference or labelled data: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name. Required.
     path: str = ""
     #: Split to read when the source has splits.
     split: str = "train"
