@@ -10,7 +10,6 @@ Chinese text (tests/test_docs.py runs it).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import inspect
 import json

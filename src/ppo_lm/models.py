@@ -367,15 +367,39 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
     return PolicyWithValue(lm, head, critic)
 
 
-def make_reference(policy: PolicyWithValue) -> nn.Module | None:
-    """A frozen copy of the policy's LM, or None when the policy uses LoRA (then the reference is the policy
-    with adapters disabled, see :meth:`PolicyWithValue.adapters_disabled`)."""
-    if is_lora(policy):
-        return None
-    ref = copy.deepcopy(policy.lm)
-    ref.requires_grad_(False)
-    ref.eval()
-    return ref
+class Reference:
+    """The reference model's role: the policy as it started. A frozen copy of the policy's LM, or, when the
+    policy trains LoRA adapters, the policy itself with its adapters off (no second copy of the weights).
+    ``with reference.lm() as lm:`` gives the LM to run a forward with."""
+
+    def __init__(self, policy: PolicyWithValue):
+        self.policy = policy
+        self.copy: nn.Module | None = None
+        if not is_lora(policy):
+            self.copy = copy.deepcopy(policy.lm).requires_grad_(False).eval()
+
+    @property
+    def shares_weights(self) -> bool:
+        """True when the reference is the policy with its adapters off."""
+        return self.copy is None
+
+    @contextlib.contextmanager
+    def lm(self):
+        if self.copy is not None:
+            yield self.copy
+        else:
+            with self.policy.adapters_disabled() as base:
+                yield base
+
+    def to(self, device) -> "Reference":
+        if self.copy is not None:
+            self.copy.to(device)
+        return self
+
+
+def make_reference(policy: PolicyWithValue) -> Reference:
+    """The reference for ``policy`` (see :class:`Reference`)."""
+    return Reference(policy)
 
 
 def is_lora(policy: PolicyWithValue) -> bool:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algo
-from .models import PolicyWithValue, base_model, lm_forward
+from .models import PolicyWithValue, Reference, base_model, lm_forward
 from .types import Rollout
 
 
@@ -199,7 +199,7 @@ def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, c
 
 
 @torch.no_grad()
-def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
+def score_tokens(policy: PolicyWithValue, ref: Reference, input_ids: Tensor, attention_mask: Tensor,
                  n_response: int, *, temperature: float, batch_size: int,
                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                  sampled: Sampled | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -222,11 +222,8 @@ def score_tokens(policy: PolicyWithValue, ref: nn.Module | None, input_ids: Tens
             logprobs.append(lp)
             entropy.append(h)
             values.append(v.float())
-            if ref is None:  # LoRA: the reference is the policy with adapters off
-                with policy.adapters_disabled() as base:
-                    ref_logits, _ = lm_forward(base, ids, mask, n_response)
-            else:
-                ref_logits, _ = lm_forward(ref, ids, mask, n_response)
+            with ref.lm() as ref_lm:
+                ref_logits, _ = lm_forward(ref_lm, ids, mask, n_response)
             ref_logprobs.append(algo.logprobs_from_logits(ref_logits, tok, temperature))
     return torch.cat(logprobs), torch.cat(values), torch.cat(ref_logprobs), torch.cat(entropy)
 
@@ -260,7 +257,7 @@ def _untimed(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def collect(policy: PolicyWithValue, ref: nn.Module | None, tokenizer, prompt_token_ids: list[list[int]],
+def collect(policy: PolicyWithValue, ref: Reference, tokenizer, prompt_token_ids: list[list[int]],
             prompts: list[str], fields: dict, cfg, *, device: torch.device, forward_batch_size: int,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
             timer: Callable[[str], contextlib.AbstractContextManager] = _untimed) -> Rollout:

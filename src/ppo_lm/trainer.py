@@ -32,7 +32,7 @@ from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from .errors import RewardError, TrainingDiverged, UserError
 from .evaluate import distinct_n
-from .models import (PolicyWithValue, attention_kernel, load_config_checked, load_policy, load_tokenizer,
+from .models import (PolicyWithValue, Reference, attention_kernel, load_config_checked, load_policy, load_tokenizer,
                      make_reference, parameter_groups, save_policy, trainable_parameters)
 from .rewards import RunningMoments, WeightedSum, build_reward, shape_scores
 from .rollout import collect
@@ -277,7 +277,7 @@ class Run:
     accelerator: object
     policy: torch.nn.Module  #: the policy as accelerate prepared it (wrapped for DDP on several processes)
     model: PolicyWithValue  #: the same policy, unwrapped
-    reference: torch.nn.Module | None  #: a frozen copy of the policy's LM; None: the policy with LoRA adapters off
+    reference: Reference  #: the policy as it started: a frozen copy, or the policy with its LoRA adapters off
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -425,8 +425,7 @@ def _models(cfg: Config, accelerator, warn):
     scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
                               num_training_steps=total_steps)
     policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
-    if reference is not None:
-        reference.to(accelerator.device)
+    reference.to(accelerator.device)
     return policy, reference, optimizer, scheduler
 
 
