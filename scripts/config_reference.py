@@ -83,6 +83,8 @@ def table(cls, lang: str, zh: dict, only: list[str] | None, missing: list[str]) 
             meaning = zh.get(key) or ""
             if not meaning:
                 missing.append(key)
+        if "range" in f.metadata:  # the rule the config check applies (config.ranged)
+            meaning += f" Range: {f.metadata['range']}." if lang == "en" else f"取值范围：{f.metadata['range']}。"
         rows.append(f"| `{f.name}` | {default(f, cls)} | {meaning.replace('|', chr(92) + '|')} |")
     return "\n".join(rows) + "\n"
 

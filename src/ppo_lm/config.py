@@ -25,17 +25,56 @@ from .errors import ConfigError, closest_name
 # --------------------------------------------------------------------------------------------- schema
 
 
+RANGES = ("> 0", ">= 0", ">= 2", "[0, 1]", "(0, 1]", "[0, 1)")
+
+
+def ranged(default, rule: str):
+    """A config field whose value must satisfy ``rule`` (one of :data:`RANGES`); null passes. The rule sits on
+    the field, so the checks and the generated config reference read it from one place."""
+    assert rule in RANGES, rule
+    return field(default=default, metadata={"range": rule})
+
+
+def range_problem(value, rule: str) -> str | None:
+    """What is wrong with ``value`` under ``rule``, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    low, high = {"> 0": (0, None), ">= 0": (0, None), ">= 2": (2, None), "[0, 1]": (0, 1), "(0, 1]": (0, 1),
+                 "[0, 1)": (0, 1)}[rule]
+    if value < low or (high is not None and value > high) or (rule == "[0, 1)" and value >= 1):
+        return f"must be {'in ' + rule if high is not None else rule}, got {value}"
+    if value == 0 and rule in ("> 0", "(0, 1]"):
+        return "must be > 0" if rule == "(0, 1]" else f"must be > 0, got {value}"
+    return None
+
+
+def check_ranges(obj, fail, prefix: str = "") -> None:
+    """Every ranged field of a config dataclass (nested sections and lists of them included): ``fail(key,
+    what)`` on the first value out of its range."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, fail, key + ".")
+        elif isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+            for i, item in enumerate(value):
+                check_ranges(item, fail, f"{key}.{i}.")
+        elif "range" in f.metadata and value is not None and not isinstance(value, bool):
+            problem = range_problem(value, f.metadata["range"])
+            if problem:
+                fail(key, problem)
+
+
 @dataclass
 class LoraConfig:
     #: Train LoRA adapters (peft) instead of all weights; the reference model is then the same module with
     #: adapters disabled, so no second copy of the weights is held.
     enabled: bool = False
     #: LoRA rank.
-    r: int = 8
+    r: int = ranged(8, "> 0")
     #: LoRA alpha (scaling = alpha / r).
-    alpha: int = 16
+    alpha: int = ranged(16, "> 0")
     #: Dropout inside the adapters (kept off during RL by default).
-    dropout: float = 0.0
+    dropout: float = ranged(0.0, "[0, 1)")
     #: Modules to adapt: a list of names, or "all-linear".
     target_modules: list[str] | str = "all-linear"
 
@@ -56,7 +95,7 @@ class ModelConfig:
     #: Recompute activations in the backward pass to save memory.
     gradient_checkpointing: bool = False
     #: Standard deviation of the value head's initial weights (small, so early values are near 0).
-    value_head_init_std: float = 0.0
+    value_head_init_std: float = ranged(0.0, ">= 0")
     #: LoRA settings.
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -71,7 +110,7 @@ class DataConfig:
     #: Field holding the prompt text.
     prompt_field: str = "prompt"
     #: Prompts longer than this many tokens are truncated from the left or refused (see prompt_overflow).
-    max_prompt_tokens: int = 256
+    max_prompt_tokens: int = ranged(256, "> 0")
     #: What to do with a prompt over max_prompt_tokens: "truncate" (keep its end, with a warning) or "error".
     prompt_overflow: Literal["truncate", "error"] = "truncate"
     #: Wrap prompts in the tokenizer's chat template: "auto" (when it has one), "on" or "off".
@@ -83,19 +122,19 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     #: Prompts sampled per PPO iteration (one response each).
-    batch_size: int = 64
+    batch_size: int = ranged(64, "> 0")
     #: Maximum tokens generated per response.
-    max_new_tokens: int = 32
+    max_new_tokens: int = ranged(32, "> 0")
     #: Stop a response at the EOS token (false: always generate max_new_tokens).
     stop_at_eos: bool = True
     #: Sampling temperature; logprobs in rollout and loss use the same temperature.
-    temperature: float = 1.0
+    temperature: float = ranged(1.0, "> 0")
     #: Top-k sampling (0 = off).
-    top_k: int = 0
+    top_k: int = ranged(0, ">= 0")
     #: Nucleus sampling threshold (1.0 = off).
-    top_p: float = 1.0
+    top_p: float = ranged(1.0, "(0, 1]")
     #: Generate in chunks of this many prompts (null = the whole batch at once).
-    generation_batch_size: int | None = None
+    generation_batch_size: int | None = ranged(None, "> 0")
     #: Recompute the policy's old logprobs, entropies and values with a teacher-forced forward after sampling
     #: (false: record them while sampling, which saves that forward).
     recompute_logprobs: bool = False
@@ -133,7 +172,7 @@ class RewardConfig:
     #: Normalise scores with running mean/std before PPO sees them.
     normalize: bool = False
     #: Clip (normalised) scores to [-clip, clip] (null = no clipping).
-    clip: float | None = None
+    clip: float | None = ranged(None, "> 0")
 
 
 @dataclass
@@ -141,17 +180,17 @@ class KLConfig:
     """Everything about the KL to the reference model: the penalty, its adaptive controller, and the guard."""
 
     #: Penalty coefficient beta of the per-token KL in the reward (the starting value when adaptive).
-    coef: float = 0.05
+    coef: float = ranged(0.05, ">= 0")
     #: Per-token KL estimator: k1 (log p - log q) or k3 ((r - 1) - log r).
     estimator: Literal["k1", "k3"] = "k1"
     #: Adapt coef so that the KL per response moves toward target (Ziegler et al. 2019).
     adaptive: bool = False
     #: The adaptive controller's target KL, in nats per response.
-    target: float = 6.0
+    target: float = ranged(6.0, "> 0")
     #: Horizon of the adaptive controller, in samples.
-    horizon: int = 10000
+    horizon: int = ranged(10000, "> 0")
     #: Guard on the KL per response (the metric kl; null = none): see limit_action.
-    limit: float | None = None
+    limit: float | None = ranged(None, "> 0")
     #: What happens when the KL per response passes limit: "warn" or "stop" (exit code 3).
     limit_action: Literal["warn", "stop"] = "warn"
 
@@ -159,40 +198,40 @@ class KLConfig:
 @dataclass
 class PPOConfig:
     #: Passes (epochs) of PPO over each rollout batch.
-    epochs: int = 4
+    epochs: int = ranged(4, "> 0")
     #: Minibatches per epoch; rollout.batch_size must divide evenly.
-    num_minibatches: int = 4
+    num_minibatches: int = ranged(4, "> 0")
     #: Split each minibatch into this many micro-batches whose gradients are accumulated.
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, "> 0")
     #: Learning rate (AdamW).
-    lr: float = 1e-5
+    lr: float = ranged(1e-5, "> 0")
     #: Learning rate of the value side: the value head, and the separate critic when model.critic is set
     #: (null = ppo.lr). A value head on the policy's trunk is one linear layer; at the policy's small lr its
     #: estimates lag the returns (low explained_variance), and 10-30x ppo.lr lets it keep up (with vf_coef 1.0 it
     #: matched TRL in docs/PERFORMANCE.md; alone it did not move the reward there).
-    value_lr: float | None = None
+    value_lr: float | None = ranged(None, "> 0")
     #: Learning-rate schedule over all optimiser steps: constant, linear or cosine.
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     #: Linear warm-up steps.
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, ">= 0")
     #: AdamW weight decay.
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ">= 0")
     #: AdamW epsilon.
-    adam_eps: float = 1e-8
+    adam_eps: float = ranged(1e-8, "> 0")
     #: Clip the gradient norm to this value (null = no clipping).
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = ranged(1.0, "> 0")
     #: PPO epsilon: the probability ratio is clipped to [1 - clip_range, 1 + clip_range].
-    clip_range: float = 0.2
+    clip_range: float = ranged(0.2, "> 0")
     #: Value predictions are clipped to old_value +- clip_range_value.
-    clip_range_value: float = 0.2
+    clip_range_value: float = ranged(0.2, "> 0")
     #: Weight of the value loss.
-    vf_coef: float = 0.1
+    vf_coef: float = ranged(0.1, ">= 0")
     #: Weight of the entropy bonus (0 = none).
-    ent_coef: float = 0.0
+    ent_coef: float = ranged(0.0, ">= 0")
     #: Discount factor.
-    gamma: float = 1.0
+    gamma: float = ranged(1.0, "[0, 1]")
     #: GAE lambda.
-    gae_lambda: float = 0.95
+    gae_lambda: float = ranged(0.95, "[0, 1]")
     #: The KL to the reference model: penalty, adaptive controller, guard.
     kl: KLConfig = field(default_factory=KLConfig)
     #: Whiten advantages over the real tokens of the batch.
@@ -201,9 +240,9 @@ class PPOConfig:
     whiten_rewards: bool = False
     #: Stop an iteration's epochs early when the mean approximate KL of an epoch's updates to the policy that
     #: sampled the batch (not to the reference) passes this (null = never).
-    early_stop_kl: float | None = None
+    early_stop_kl: float | None = ranged(None, "> 0")
     #: Updates whose loss or gradient is NaN/inf are skipped; this many in a row abort the run.
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: int = ranged(5, "> 0")
 
 
 @dataclass
@@ -211,7 +250,7 @@ class TrainConfig:
     #: Where metrics.jsonl, plots and final/ are written.
     output_dir: str = "runs/ppo"
     #: Number of PPO iterations (rollout + update).
-    iterations: int = 100
+    iterations: int = ranged(100, "> 0")
     #: Random seed (python, numpy, torch, data order).
     seed: int = 0
     #: Extra trackers through accelerate: any of tensorboard, wandb, mlflow.
@@ -221,17 +260,17 @@ class TrainConfig:
     #: Force the CPU even when a GPU is present.
     cpu: bool = False
     #: Print this many sample completions every log_samples_every iterations (0 = never).
-    log_samples: int = 2
+    log_samples: int = ranged(2, ">= 0")
     #: How often to print samples.
-    log_samples_every: int = 10
+    log_samples_every: int = ranged(10, ">= 0")
     #: Save the final policy (save_pretrained, safetensors) and tokenizer to output_dir/final.
     save_final: bool = True
     #: Show the rich progress display.
     progress: bool = True
     #: Write a checkpoint every this many iterations (0 = only when stopped by SIGINT/SIGTERM).
-    checkpoint_every: int = 25
+    checkpoint_every: int = ranged(25, ">= 0")
     #: How many of the newest checkpoints to keep.
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = ranged(2, "> 0")
     #: "auto": continue from the newest complete checkpoint in output_dir/checkpoints (if any); "never": start fresh.
     resume: Literal["never", "auto"] = "never"
 
@@ -266,22 +305,22 @@ class Config:
 @dataclass
 class OptimConfig:
     #: Passes over the training split.
-    epochs: int = 1
+    epochs: int = ranged(1, "> 0")
     #: Examples per optimiser step (split into gradient_accumulation_steps micro-batches). In pairwise mode an
     #: example is a pair.
-    batch_size: int = 16
+    batch_size: int = ranged(16, "> 0")
     #: Micro-batches accumulated per optimiser step.
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = ranged(1, "> 0")
     #: Learning rate (AdamW).
-    lr: float = 5e-5
+    lr: float = ranged(5e-5, "> 0")
     #: Learning-rate schedule: constant, linear or cosine.
     lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
     #: Linear warm-up steps.
-    warmup_steps: int = 0
+    warmup_steps: int = ranged(0, ">= 0")
     #: AdamW weight decay.
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, ">= 0")
     #: Clip the gradient norm to this value (null = no clipping).
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = ranged(1.0, "> 0")
 
 
 @dataclass
@@ -309,11 +348,11 @@ class SFTDataConfig:
     #: Field holding the response to imitate (the loss is on these tokens only).
     response_field: str = "response"
     #: Prompt + response are cut to this many tokens (the prompt is shortened first, from the left).
-    max_length: int = 512
+    max_length: int = ranged(512, "> 0")
     #: Wrap prompts in the tokenizer's chat template: "auto" (when it has one), "on" or "off".
     chat_template: Literal["auto", "on", "off"] = "auto"
     #: Fraction of the records held out for evaluation.
-    eval_fraction: float = 0.1
+    eval_fraction: float = ranged(0.1, "[0, 1)")
 
 
 @dataclass
@@ -348,14 +387,14 @@ class RMDataConfig:
     #: pointwise: field with the integer label (0 .. num_labels-1).
     label_field: str = "label"
     #: pointwise: number of classes (2 gives a reward of logit[1] - logit[0]).
-    num_labels: int = 2
+    num_labels: int = ranged(2, ">= 2")
     #: Texts are cut to this many tokens (from the left, so the end of a dialogue is kept).
-    max_length: int = 512
+    max_length: int = ranged(512, "> 0")
     #: pairwise: read (prompt, completion) as a user/assistant exchange in the tokenizer's chat template: "auto"
     #: (when it has one), "on" or "off". Saved with the model, so PPO scores completions the same way.
     chat_template: Literal["auto", "on", "off"] = "auto"
     #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy).
-    eval_fraction: float = 0.1
+    eval_fraction: float = ranged(0.1, "[0, 1)")
 
 
 @dataclass
@@ -713,14 +752,6 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     def fail(key: str, what: str) -> None:
         raise _error(key, what, source, lines.get(key))
 
-    def positive(key: str, value: float | int | None, allow_zero: bool = False) -> None:
-        if value is None:
-            return
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(key, f"must be a finite number, got {value}")
-        if value < 0 or (value == 0 and not allow_zero):
-            fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
     if not cfg.model.name_or_path:
         fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
     if cfg.task is not None:
@@ -728,39 +759,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
 
         if cfg.task not in tasks.TASKS:
             fail("task", tasks.unknown(cfg.task))
-    for key, value in [("ppo.epochs", cfg.ppo.epochs), ("ppo.num_minibatches", cfg.ppo.num_minibatches),
-                       ("ppo.gradient_accumulation_steps", cfg.ppo.gradient_accumulation_steps),
-                       ("ppo.lr", cfg.ppo.lr), ("ppo.value_lr", cfg.ppo.value_lr),
-                       ("ppo.clip_range", cfg.ppo.clip_range),
-                       ("ppo.clip_range_value", cfg.ppo.clip_range_value), ("ppo.adam_eps", cfg.ppo.adam_eps),
-                       ("ppo.max_grad_norm", cfg.ppo.max_grad_norm), ("ppo.kl.target", cfg.ppo.kl.target),
-                       ("ppo.kl.horizon", cfg.ppo.kl.horizon), ("ppo.early_stop_kl", cfg.ppo.early_stop_kl),
-                       ("rollout.batch_size", cfg.rollout.batch_size),
-                       ("rollout.max_new_tokens", cfg.rollout.max_new_tokens),
-                       ("rollout.temperature", cfg.rollout.temperature),
-                       ("rollout.generation_batch_size", cfg.rollout.generation_batch_size),
-                       ("data.max_prompt_tokens", cfg.data.max_prompt_tokens),
-                       ("train.iterations", cfg.train.iterations), ("model.lora.r", cfg.model.lora.r),
-                       ("model.lora.alpha", cfg.model.lora.alpha), ("reward.clip", cfg.reward.clip),
-                       ("train.keep_checkpoints", cfg.train.keep_checkpoints),
-                       ("ppo.max_nonfinite_steps", cfg.ppo.max_nonfinite_steps), ("ppo.kl.limit", cfg.ppo.kl.limit)]:
-        positive(key, value)
-    for key, value in [("ppo.vf_coef", cfg.ppo.vf_coef), ("ppo.ent_coef", cfg.ppo.ent_coef),
-                       ("ppo.kl.coef", cfg.ppo.kl.coef), ("ppo.weight_decay", cfg.ppo.weight_decay),
-                       ("ppo.warmup_steps", cfg.ppo.warmup_steps), ("rollout.top_k", cfg.rollout.top_k),
-                       ("model.value_head_init_std", cfg.model.value_head_init_std),
-                       ("train.log_samples", cfg.train.log_samples),
-                       ("train.checkpoint_every", cfg.train.checkpoint_every),
-                       ("train.log_samples_every", cfg.train.log_samples_every)]:
-        positive(key, value, allow_zero=True)
-    for key, value in [("ppo.gamma", cfg.ppo.gamma), ("ppo.gae_lambda", cfg.ppo.gae_lambda),
-                       ("rollout.top_p", cfg.rollout.top_p)]:
-        if not 0.0 <= value <= 1.0:
-            fail(key, f"must be in [0, 1], got {value}")
-    if cfg.rollout.top_p == 0.0:
-        fail("rollout.top_p", "must be > 0")
-    if not 0.0 <= cfg.model.lora.dropout < 1.0:
-        fail("model.lora.dropout", f"must be in [0, 1), got {cfg.model.lora.dropout}")
+    check_ranges(cfg, fail)
     if cfg.rollout.batch_size % cfg.ppo.num_minibatches:
         fail("ppo.num_minibatches", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "
                                     f"ppo.num_minibatches ({cfg.ppo.num_minibatches})")
@@ -791,8 +790,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                 re.compile(src.pattern)
             except re.error as e:
                 fail(f"{key}.pattern", f"not a valid regular expression: {e}")
-        if src.type == "length":
-            positive(f"{key}.target", src.target)
+        if src.type == "length" and range_problem(src.target, "> 0"):
+            fail(f"{key}.target", range_problem(src.target, "> 0"))
     if not check_paths:
         return
     checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
@@ -815,20 +814,10 @@ def validate_stage(cfg, *, source: str = "config", lines: dict[str, int] | None 
 
     if not cfg.model.name_or_path:
         fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
+    check_ranges(cfg, fail)
     o = cfg.optim
-    for key, value in [("optim.epochs", o.epochs), ("optim.batch_size", o.batch_size), ("optim.lr", o.lr),
-                       ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
-                       ("optim.max_grad_norm", o.max_grad_norm), ("data.max_length", cfg.data.max_length)]:
-        if value is not None and (value <= 0 or (isinstance(value, float) and not math.isfinite(value))):
-            fail(key, f"must be > 0, got {value}")
-    if o.warmup_steps < 0 or o.weight_decay < 0:
-        fail("optim.warmup_steps" if o.warmup_steps < 0 else "optim.weight_decay", "must be >= 0")
     if o.batch_size % o.gradient_accumulation_steps:
         fail("optim.gradient_accumulation_steps", f"optim.batch_size ({o.batch_size}) must be divisible by it")
-    if not 0.0 <= cfg.data.eval_fraction < 1.0:
-        fail("data.eval_fraction", f"must be in [0, 1), got {cfg.data.eval_fraction}")
-    if getattr(cfg.data, "num_labels", 2) < 2:
-        fail("data.num_labels", "must be >= 2")
     if not cfg.data.path:
         fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
     if check_paths:
