@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     sub = p.add_subparsers(dest="command", required=True)
 
+    _training_commands(sub)
+    _evaluation_commands(sub)
+    _tool_commands(sub)
+    return p
+
+
+def _training_commands(sub) -> None:
+    """train, sft, reward-model."""
     t = sub.add_parser("train", help="run PPO from a YAML config")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.lr=1e-5 rollout.batch_size=32")
@@ -181,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.mode=pointwise")
     r.set_defaults(func=cmd_reward_model)
 
+
+def _evaluation_commands(sub) -> None:
+    """eval, pipeline, prepare."""
     e = sub.add_parser("eval", help="a model's reward, KL, diversity and fluency on a config's prompts")
     e.add_argument("config", help="a PPO config: its data, rollout and reward sections are used")
     e.add_argument("overrides", nargs="*")
@@ -205,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--source", help="data source of the task (qa: stories or squad)")
     pr.set_defaults(func=cmd_prepare)
 
+
+def _tool_commands(sub) -> None:
+    """demo, generate, bench."""
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--iterations", type=int, default=40)
@@ -236,7 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recompute-logprobs", action="store_true",
                    help="old logprobs and values from a second policy forward, not recorded while sampling")
     b.set_defaults(func=cmd_bench)
-    return p
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -62,7 +62,6 @@ def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> 
 def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=None) -> dict:
     """Train the reward model; returns a summary with held-out accuracy before and after (``summary.json``)."""
     from rich.console import Console
-    from transformers import AutoModelForSequenceClassification
 
     from .models import load_config_checked
     from .runtime import check_output_dir, seed_everything
@@ -79,10 +78,31 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     examples = load_records_checked(cfg, records)
     train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
+    model, chat = _load_model(cfg, config, tokenizer)
+    collate, loss_fn = objective(d.mode, tokenizer, lambda p, c: encode_for_reward(tokenizer, p, c, d.max_length, chat))
 
-    num_labels = 1 if d.mode == "pairwise" else d.num_labels
-    config.num_labels, config.pad_token_id = num_labels, tokenizer.pad_token_id
-    # how texts are encoded, the same in training and in PPO: saved in config.json, where rewards.model reads it
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").write_text("")
+    steps = math.ceil(len(train_set) / cfg.optim.batch_size)
+    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps, loss_fn, cfg.optim,
+               cfg.train, evaluate=lambda: held_out(model, eval_set, d.mode, collate, loss_fn),
+               log=MetricsLog(out / "metrics.jsonl"), console=console)
+    final = save_merged(model, tokenizer, out / "final")
+    summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
+               "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
+               "output": str(final)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _load_model(cfg: RewardModelConfig, config, tokenizer):
+    """The classifier to train (a new score head on a causal LM, or an existing classifier), with the record of
+    how its texts are encoded in its config (saved in config.json, where the reward source reads it); returns
+    the model and whether texts go through the chat template."""
+    from transformers import AutoModelForSequenceClassification
+
+    d = cfg.data
+    config.num_labels, config.pad_token_id = 1 if d.mode == "pairwise" else d.num_labels, tokenizer.pad_token_id
     chat = d.mode == "pairwise" and use_chat_template(tokenizer, d.chat_template)
     setattr(config, ENCODING_KEY, {"chat_template": chat, "max_length": d.max_length, "truncation_side": "left"})
     model = from_pretrained(AutoModelForSequenceClassification, cfg.model.name_or_path, field="model.name_or_path",
@@ -91,15 +111,17 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     prepare_model(model)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
+    return model, chat
 
 
-    def encode(prompt: str, completion: str) -> list[int]:
-        return encode_for_reward(tokenizer, prompt, completion, d.max_length, chat)
-
-    if d.mode == "pairwise":
+def objective(mode: str, tokenizer, encode):
+    """``(collate, loss_fn)`` of a training mode. pairwise: rows of ((prompt, chosen), (prompt, rejected)),
+    batched interleaved (chosen, rejected, chosen, ...) under the Bradley-Terry loss; pointwise: rows of
+    (text, label) under cross-entropy."""
+    if mode == "pairwise":
         def collate(rows):
             ids, mask = pad_right([encode(*pair) for r in rows for pair in r], tokenizer.pad_token_id)
-            return {"input_ids": ids, "attention_mask": mask}  # rows interleaved: chosen, rejected, chosen, ...
+            return {"input_ids": ids, "attention_mask": mask}
 
         def loss_fn(m, b):
             scores = m(**b).logits[:, 0].float()
@@ -112,35 +134,27 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
         def loss_fn(m, b):
             logits = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
             return torch.nn.functional.cross_entropy(logits, b["labels"])
+    return collate, loss_fn
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        if not eval_set:
-            return {}
-        device = next(model.parameters()).device
-        correct, losses = 0, []
-        for s in range(0, len(eval_set), 16):
-            b = {k: v.to(device) for k, v in collate(eval_set[s:s + 16]).items()}
-            losses.append(float(loss_fn(model, b)))
-            if d.mode == "pairwise":
-                scores = model(**b).logits[:, 0]
-                correct += int((scores[0::2] > scores[1::2]).sum())
-            else:
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                correct += int((logits.argmax(-1) == b["labels"]).sum())
-        return {"eval_loss": sum(losses) / len(losses), "eval_accuracy": correct / len(eval_set)}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
-    steps = math.ceil(len(train_set) / cfg.optim.batch_size)
-    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps, loss_fn, cfg.optim,
-               cfg.train, evaluate=evaluate, log=MetricsLog(out / "metrics.jsonl"), console=console)
-    final = save_merged(model, tokenizer, out / "final")
-    summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
-               "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
-               "output": str(final)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    return summary
+@torch.no_grad()
+def held_out(model, eval_set: list, mode: str, collate, loss_fn) -> dict:
+    """Loss and accuracy on the held-out split: pairwise, the fraction of pairs scored chosen > rejected;
+    pointwise, argmax accuracy."""
+    if not eval_set:
+        return {}
+    device = next(model.parameters()).device
+    correct, losses = 0, []
+    for s in range(0, len(eval_set), 16):
+        b = {k: v.to(device) for k, v in collate(eval_set[s:s + 16]).items()}
+        losses.append(float(loss_fn(model, b)))
+        if mode == "pairwise":
+            scores = model(**b).logits[:, 0]
+            correct += int((scores[0::2] > scores[1::2]).sum())
+        else:
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            correct += int((logits.argmax(-1) == b["labels"]).sum())
+    return {"eval_loss": sum(losses) / len(losses), "eval_accuracy": correct / len(eval_set)}
 
 
 def is_classifier(name_or_path: str) -> bool:
