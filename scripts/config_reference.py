@@ -22,13 +22,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from ppo_lm import config  # noqa: E402
+from ppo_lm import config, reward_model, sft  # noqa: E402
 from ppo_lm.pipeline import PipelineConfig  # noqa: E402
 
 SCHEMAS = {c.__name__: c for c in (config.Config, config.ModelConfig, config.LoraConfig, config.DataConfig,
                                    config.RolloutConfig, config.RewardConfig, config.RewardSourceConfig,
-                                   config.PPOConfig, config.KLConfig, config.TrainConfig, config.OptimConfig,
-                                   config.StageRunConfig, config.SFTDataConfig, config.RMDataConfig, PipelineConfig)}
+                                   config.PPOConfig, config.KLConfig, config.TrainConfig, sft.OptimConfig,
+                                   sft.StageRunConfig, sft.SFTDataConfig, reward_model.RMDataConfig, PipelineConfig)}
 PAGES = {"en": ROOT / "docs" / "config.md", "zh": ROOT / "docs" / "config.zh-CN.md"}
 ZH = ROOT / "docs" / "config.zh-CN.yaml"
 HEADER = {"en": "| key | default | meaning |", "zh": "| 键 | 默认值 | 含义 |"}
@@ -51,9 +51,9 @@ def comments(cls) -> dict[str, str]:
 
 
 def default(f: dataclasses.Field, cls=None) -> str:
-    if cls is config.StageRunConfig and f.name == "output_dir":  # each stage's own default
-        return (f'`"{config.SFTConfig().train.output_dir}"` (sft), '
-                f'`"{config.RewardModelConfig().train.output_dir}"` (reward-model)')
+    if cls is sft.StageRunConfig and f.name == "output_dir":  # each stage's own default
+        return (f'`"{sft.SFTConfig().train.output_dir}"` (sft), '
+                f'`"{reward_model.RewardModelConfig().train.output_dir}"` (reward-model)')
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ppo_lm import reward_model, toy
-from ppo_lm.config import RewardModelConfig, load_config
+from ppo_lm.config import load_config
+from ppo_lm.reward_model import RewardModelConfig
 from ppo_lm.rewards.model import ENCODING_KEY, RewardModel, encode_for_reward
 from ppo_lm.trainer import train
 

@@ -8,7 +8,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ppo_lm import reward_model, sft
-from ppo_lm.config import RewardModelConfig, SFTConfig, load_config
+from ppo_lm.config import load_config
+from ppo_lm.reward_model import RewardModelConfig
+from ppo_lm.sft import SFTConfig
 from ppo_lm.errors import UserError
 from ppo_lm.rewards import build_source
 from ppo_lm.config import RewardSourceConfig

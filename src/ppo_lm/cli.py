@@ -47,13 +47,13 @@ def _run_stage(args, stage: str, metric: str) -> int:
     """``sft`` / ``reward-model``: load the stage's config schema, run it, print the held-out change."""
     import importlib
 
-    from . import config
+    from .config import load_config
 
-    module_name, schema = {"sft": ("sft", config.SFTConfig),
-                           "reward-model": ("reward_model", config.RewardModelConfig)}[stage]
-    cfg = config.load_config(args.config, args.overrides, schema=schema)
+    module_name, schema_name = {"sft": ("sft", "SFTConfig"), "reward-model": ("reward_model", "RewardModelConfig")}[stage]
+    module = importlib.import_module(f".{module_name}", __package__)  # the stage's schema lives with it
+    cfg = load_config(args.config, args.overrides, schema=getattr(module, schema_name))
     _quiet_libraries()
-    summary = importlib.import_module(f".{module_name}", __package__).run(cfg)
+    summary = module.run(cfg)
     print(f"done: held-out {metric} {summary[f'eval_{metric}_before']} -> {summary[f'eval_{metric}_after']}; "
           f"model in {summary['output']}")
     return 0

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import RewardModelConfig, SFTConfig, load_config, read_config
+from .config import load_config, read_config
 from .errors import ConfigError
 
 
@@ -99,6 +99,9 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
     """Load and validate every stage's config, wired together; no model is loaded."""
     root = Path(p.output_dir)
     stages: dict = {"root": root, "pipeline": p}
+    from .reward_model import RewardModelConfig
+    from .sft import SFTConfig
+
     sft_final = root / "sft" / "final"
     seeded = [] if p.seed is None else [f"train.seed={p.seed}"]
     if _stage_config(p.sft, "sft", config_path):

@@ -10,25 +10,73 @@ reward; 2 labels: logit[1] - logit[0]).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from .config import RewardModelConfig
-from .data import load_records
+from .config import ModelConfig
+from .configfile import ranged
+from .data import load_records, use_chat_template
 from .errors import UserError
-from .data import use_chat_template
 from .models import DTYPES, no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
 from .rewards.model import ENCODING_KEY, encode_for_reward, pad_right
-from .sft import fit, micro_batches, split_records
+from .sft import OptimConfig, StageRunConfig, fit, micro_batches, split_records, validate_stage
 from .tracking import MetricsLog
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Bradley-Terry: ``-mean(log sigmoid(r_chosen - r_rejected))``."""
     return -torch.nn.functional.logsigmoid(chosen - rejected).mean()
+
+
+@dataclass
+class RMDataConfig:
+    #: Preference or labelled data: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name. Required.
+    path: str = ""
+    #: Split to read when the source has splits.
+    split: str = "train"
+    #: "pairwise": (prompt, chosen, rejected) with a Bradley-Terry loss; "pointwise": (text, label) classification.
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    #: pairwise: field with the shared prompt ("" or missing = none; chosen/rejected are then full texts).
+    prompt_field: str = "prompt"
+    #: pairwise: field with the preferred completion.
+    chosen_field: str = "chosen"
+    #: pairwise: field with the other completion.
+    rejected_field: str = "rejected"
+    #: pointwise: field with the text.
+    text_field: str = "text"
+    #: pointwise: field with the integer label (0 .. num_labels-1).
+    label_field: str = "label"
+    #: pointwise: number of classes (2 gives a reward of logit[1] - logit[0]).
+    num_labels: int = ranged(2, ">= 2")
+    #: Texts are cut to this many tokens (from the left, so the end of a dialogue is kept).
+    max_length: int = ranged(512, "> 0")
+    #: pairwise: read (prompt, completion) as a user/assistant exchange in the tokenizer's chat template: "auto"
+    #: (when it has one), "on" or "off". Saved with the model, so PPO scores completions the same way.
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy).
+    eval_fraction: float = ranged(0.1, "[0, 1)")
+
+
+@dataclass
+class RewardModelConfig:
+    """``ppo-lm reward-model``: a reward model from preferences (Bradley-Terry) or labels."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/reward-model"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RewardModelConfig.validate_config = staticmethod(validate_stage)
 
 
 def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> list[tuple]:

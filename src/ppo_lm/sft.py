@@ -8,21 +8,123 @@ wrapped in the chat template when the tokenizer has one. The saved ``final/`` is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 import time
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal
 
 import torch
 
-from .config import OptimConfig, SFTConfig, StageRunConfig
+from .config import ModelConfig
+from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, use_chat_template
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
 
 IGNORE = -100  # label of tokens that carry no loss (prompt and padding), as torch's cross_entropy expects
+
+# ------------------------------------------------------------------------ the config of the SFT stage (and of
+# the reward-model stage, which shares model, optim and train)
+
+
+@dataclass
+class OptimConfig:
+    #: Passes over the training split.
+    epochs: int = ranged(1, "> 0")
+    #: Examples per optimiser step (split into gradient_accumulation_steps micro-batches). In pairwise mode an
+    #: example is a pair.
+    batch_size: int = ranged(16, "> 0")
+    #: Micro-batches accumulated per optimiser step.
+    gradient_accumulation_steps: int = ranged(1, "> 0")
+    #: Learning rate (AdamW).
+    lr: float = ranged(5e-5, "> 0")
+    #: Learning-rate schedule: constant, linear or cosine.
+    lr_schedule: Literal["constant", "linear", "cosine"] = "linear"
+    #: Linear warm-up steps.
+    warmup_steps: int = ranged(0, ">= 0")
+    #: AdamW weight decay.
+    weight_decay: float = ranged(0.0, ">= 0")
+    #: Clip the gradient norm to this value (null = no clipping).
+    max_grad_norm: float | None = ranged(1.0, "> 0")
+
+
+@dataclass
+class StageRunConfig:
+    #: Where metrics.jsonl and final/ are written.
+    output_dir: str = "runs/stage"
+    #: Random seed (also decides the held-out split).
+    seed: int = 0
+    #: Mixed precision through accelerate: no, bf16 or fp16.
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    #: Force the CPU even when a GPU is present.
+    cpu: bool = False
+    #: Show the rich progress display.
+    progress: bool = True
+
+
+@dataclass
+class SFTDataConfig:
+    #: Demonstrations: .jsonl/.json/.csv/.parquet, a datasets folder or a hub name. Required.
+    path: str = ""
+    #: Split to read when the source has splits.
+    split: str = "train"
+    #: Field holding the prompt.
+    prompt_field: str = "prompt"
+    #: Field holding the response to imitate (the loss is on these tokens only).
+    response_field: str = "response"
+    #: Prompt + response are cut to this many tokens (the prompt is shortened first, from the left).
+    max_length: int = ranged(512, "> 0")
+    #: Wrap prompts in the tokenizer's chat template: "auto" (when it has one), "on" or "off".
+    chat_template: Literal["auto", "on", "off"] = "auto"
+    #: Fraction of the records held out for evaluation.
+    eval_fraction: float = ranged(0.1, "[0, 1)")
+
+
+@dataclass
+class SFTConfig:
+    """``ppo-lm sft``: supervised fine-tuning on (prompt, response) records."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: StageRunConfig = field(default_factory=lambda: StageRunConfig(output_dir="runs/sft"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_stage(cfg, *, source: str = "config", lines: dict[str, int] | None = None,
+                   check_paths: bool = True) -> None:
+    """Checks for the SFT and reward-model configs."""
+    lines = lines or {}
+
+    def fail(key: str, what: str) -> None:
+        raise located_error(key, what, source, lines.get(key))
+
+    if not cfg.model.name_or_path:
+        fail("model.name_or_path", "is required (a transformers folder or a hub model name)")
+    check_ranges(cfg, fail)
+    o = cfg.optim
+    if o.batch_size % o.gradient_accumulation_steps:
+        fail("optim.gradient_accumulation_steps", f"optim.batch_size ({o.batch_size}) must be divisible by it")
+    if not cfg.data.path:
+        fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
+    if check_paths:
+        for key, value in [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
+                           ("data.path", cfg.data.path)]:
+            if value and looks_local(value) and not Path(value).expanduser().exists():
+                fail(key, f"no such file or directory: {value}")
+
+
+SFTConfig.validate_config = staticmethod(validate_stage)
+
+
+# ------------------------------------------------------------------------------------------- the stage
 
 
 def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
