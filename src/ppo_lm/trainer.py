@@ -1,18 +1,18 @@
 """The PPO loop for language models, readable top to bottom like the algorithm.
 
-One iteration:
+:func:`train` is :func:`setup` once, then :func:`iteration` until done. One iteration:
 
 1. **collect** — sample a response per prompt with the current policy; keep old logprobs, values and
    reference logprobs of the sampled tokens (``rollout.collect``).
-2. **score** — the reward sources score each completion; per-token reward = ``-kl_coef * KL`` on every
-   token plus the score at the last real token.
-3. **advantages** — GAE over the response tokens, then whitening.
+2. **score** — the reward sources score each completion, and the scores are shaped (:func:`score`).
+3. **advantages** — per-token reward = ``-kl.coef * KL`` on every token plus the score at the last real token,
+   then GAE over the response tokens and whitening (:func:`advantages`).
 4. **update** — ``ppo.epochs`` passes of shuffled minibatches: clipped surrogate + clipped value loss,
-   gradient accumulation and clipping, learning-rate schedule.
+   gradient accumulation and clipping, learning-rate schedule (:func:`update`).
 5. **log** — one JSON line of metrics per iteration, trackers, progress display.
 
-All device placement, mixed precision and gradient accumulation go through ``accelerate``, so
-``accelerate launch`` (DDP, DeepSpeed, FSDP) runs the same code.
+Device placement, mixed precision and gradient accumulation go through ``accelerate``. Several processes are
+not tested yet (the statistics and decisions that must be global are the open multi-process issue).
 """
 
 from __future__ import annotations
