@@ -31,9 +31,10 @@ test-fast: $(STAMP)
 test-learning: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m learning
 
-# The three applications end to end on ../shared/assets; rewrites docs/RESULTS.md (about 10 min on 2 cores).
+# The three applications end to end on ../shared/assets, seeds 0-2 x two CPU kernel paths, two runs at a time;
+# rewrites docs/RESULTS.md (about 70 min on 2 cores). RESULTS_ARGS passes options, e.g. --report-only.
 results: $(STAMP)
-	$(BIN)/python scripts/make_results.py
+	$(BIN)/python scripts/make_results.py $(RESULTS_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/ppo-lm bench --size tiny
