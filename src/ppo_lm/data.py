@@ -102,6 +102,19 @@ class PromptDataset:
         return [self.prompts[i] for i in indices], [self.token_ids[i] for i in indices], fields
 
 
+def pad_right(rows: list[list[int]], value: int):
+    """``[B]`` lists -> a ``[B, L]`` tensor, each row filled up to the longest with ``value``."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def right_padded(rows: list[list[int]], pad_id: int):
+    """``input_ids`` and ``attention_mask`` ``[B, L]`` of token-id rows padded on the right with ``pad_id``."""
+    return pad_right(rows, pad_id), pad_right([[1] * len(r) for r in rows], 0)
+
+
 def use_chat_template(tokenizer, mode: str) -> bool:
     has = getattr(tokenizer, "chat_template", None) is not None
     if mode == "on" and not has:

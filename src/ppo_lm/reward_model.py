@@ -21,10 +21,10 @@ import torch
 
 from .config import ModelConfig
 from .configfile import ranged
-from .data import load_records, use_chat_template
+from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
 from .models import DTYPES, no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
-from .rewards.model import ENCODING_KEY, encode_for_reward, pad_right
+from .rewards.model import ENCODING_KEY, encode_for_reward
 from .sft import OptimConfig, StageRunConfig, fit, micro_batches, split_records, validate_stage
 from .tracking import MetricsLog
 
@@ -168,7 +168,7 @@ def objective(mode: str, tokenizer, encode):
     (text, label) under cross-entropy."""
     if mode == "pairwise":
         def collate(rows):
-            ids, mask = pad_right([encode(*pair) for r in rows for pair in r], tokenizer.pad_token_id)
+            ids, mask = right_padded([encode(*pair) for r in rows for pair in r], tokenizer.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask}
 
         def loss_fn(m, b):
@@ -176,7 +176,7 @@ def objective(mode: str, tokenizer, encode):
             return pairwise_loss(scores[0::2], scores[1::2])
     else:
         def collate(rows):
-            ids, mask = pad_right([encode("", r[0]) for r in rows], tokenizer.pad_token_id)
+            ids, mask = right_padded([encode("", r[0]) for r in rows], tokenizer.pad_token_id)
             return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r[1] for r in rows])}
 
         def loss_fn(m, b):

@@ -21,7 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
-from .data import format_prompt, load_records, use_chat_template
+from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -146,11 +146,6 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int, chat:
     return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
 
 
-def pad_right(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
-
-
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over the response tokens of a right-padded batch, and how many tokens it covers."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -247,9 +242,8 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def collate(rows):
-        ids = pad_right([r[0] for r in rows], tokenizer.pad_token_id)
-        return {"input_ids": ids, "attention_mask": pad_right([[1] * len(r[0]) for r in rows], 0),
-                "labels": pad_right([r[1] for r in rows], IGNORE)}
+        ids, mask = right_padded([r[0] for r in rows], tokenizer.pad_token_id)
+        return {"input_ids": ids, "attention_mask": mask, "labels": pad_right([r[1] for r in rows], IGNORE)}
 
     @torch.no_grad()
     def evaluate() -> dict:

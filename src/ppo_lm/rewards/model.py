@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data import right_padded
 from ..errors import UserError
 from ..models import DTYPES, no_dropout_config, from_pretrained, load_config_checked, load_tokenizer, prepare_model
 
@@ -31,14 +32,6 @@ def encode_for_reward(tokenizer, prompt: str, completion: str, max_length: int, 
     else:
         ids = tokenizer(prompt + completion)["input_ids"]
     return ids[-max_length:]
-
-
-def pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` of right-padded rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
-    return ids, mask
 
 
 class RewardModel:
@@ -73,7 +66,7 @@ class RewardModel:
         rows = [encode_for_reward(self.tokenizer, p, c, self.max_length, self.chat) for p, c in zip(prompts, completions)]
         scores = []
         for s in range(0, len(rows), self.batch_size):
-            ids, mask = pad_right(rows[s:s + self.batch_size], self.tokenizer.pad_token_id)
+            ids, mask = right_padded(rows[s:s + self.batch_size], self.tokenizer.pad_token_id)
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.float()
             scores.append(logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0])
         return torch.cat(scores).cpu()
