@@ -164,3 +164,14 @@ def test_safetensors_check_counts_the_bytes_by_hand(tmp_path):
         (tmp_path / "model.safetensors").write_bytes(damaged)
         with pytest.raises(UserError, match=f"describes {8 + n + 12} bytes, the file has {len(damaged)}"):
             check_model_files(str(tmp_path), "f")
+
+
+def test_a_folder_damaged_after_it_passed_is_checked_again(tiny_model_dir, tmp_path):
+    """An unchanged folder is checked once per process; a change to its files makes it checked anew."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    check_model_files(str(folder), "model.name_or_path")
+    check_model_files(str(folder), "model.name_or_path")  # the second call is the cached pass
+    _truncate(folder / "model.safetensors")
+    with pytest.raises(UserError, match="model.safetensors is truncated or damaged"):
+        check_model_files(str(folder), "model.name_or_path")

@@ -13,6 +13,7 @@ import copy
 import functools
 import inspect
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -166,6 +167,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model")
 
 
+#: Folders that passed :func:`check_model_files`, with the (name, size, mtime) of their files then: a command
+#: checks a folder before its tokenizer and again when it loads the weights, and a PyTorch zip's CRC check reads
+#: the whole file, so an unchanged folder is checked once per process.
+_CHECKED: set[tuple] = set()
+
+
 def check_model_files(name_or_path: str, field: str) -> None:
     """A local model folder is usable before any weights are read: ``config.json`` is a JSON object and every
     weight file is there and whole (a safetensors file's header must describe exactly the bytes it has; a
@@ -175,6 +182,14 @@ def check_model_files(name_or_path: str, field: str) -> None:
         return
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a transformers model folder", field)
+    seen = (str(path.resolve()), tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns)
+                                              for e in os.scandir(path) if e.is_file())))
+    if seen not in _CHECKED:
+        _check_folder(path, field)
+        _CHECKED.add(seen)
+
+
+def _check_folder(path: Path, field: str) -> None:
     config = path / "config.json"
     if not config.is_file():
         raise UserError(f"{config} is missing: a transformers model folder has a config.json", field)
