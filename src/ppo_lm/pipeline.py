@@ -137,6 +137,7 @@ def check_models(stages: dict) -> None:
     files, tokenizers included, so that a damaged one stops the pipeline before its first stage."""
     from .models import load_config_checked, load_tokenizer
     from .reward_model import is_classifier
+    from .trainer import models_of
 
     root: Path = stages["root"]
     written = {str(root / "sft" / "final"), str(root / "reward_model" / "final")}
@@ -148,12 +149,8 @@ def check_models(stages: dict) -> None:
         m = stages["reward_model"].model
         kind = "classifier" if is_classifier(m.name_or_path) else "causal"
         found.append((m.name_or_path, kind, "reward_model: model.name_or_path", m.trust_remote_code))
-    m = stages["ppo"].model
-    found.append((m.name_or_path, "causal", "ppo: model.name_or_path", m.trust_remote_code))
-    if m.critic and m.critic != "policy":
-        found.append((m.critic, "causal", "ppo: model.critic", m.trust_remote_code))
-    found += [(s.path, "classifier", f"ppo: reward.sources.{i}.path", m.trust_remote_code)
-              for i, s in enumerate(stages["ppo"].reward.sources) if s.type == "model"]
+    trust = stages["ppo"].model.trust_remote_code
+    found += [(path, kind, f"ppo: {field}", trust) for path, kind, field in models_of(stages["ppo"])]
     for path, kind, field, trust in found:
         if path in written:
             continue

@@ -456,19 +456,22 @@ def finish(run: Run, interrupted: bool) -> TrainResult:
                        interrupted=interrupted, checkpoint=run.checkpoint)
 
 
-def check_models(cfg: Config):
-    """Every model the run will load (policy, critic, reward models) is checked from its files before the first
-    weights are read; returns the policy's transformers config."""
-    trust = cfg.model.trust_remote_code
-    policy_config = load_config_checked(cfg.model.name_or_path, kind="causal", field="model.name_or_path",
-                                        trust_remote_code=trust)
+def models_of(cfg: Config) -> list[tuple[str, str, str]]:
+    """Every model a PPO run loads, as ``(path, kind, field)``: the policy, a separate critic, the reward models."""
+    found = [(cfg.model.name_or_path, "causal", "model.name_or_path")]
     if cfg.model.critic and cfg.model.critic != "policy":
-        load_config_checked(cfg.model.critic, kind="causal", field="model.critic", trust_remote_code=trust)
-    for i, source in enumerate(cfg.reward.sources):
-        if source.type == "model":
-            load_config_checked(source.path, kind="classifier", field=f"reward.sources.{i}.path",
-                                trust_remote_code=trust)
-    return policy_config
+        found.append((cfg.model.critic, "causal", "model.critic"))
+    found += [(s.path, "classifier", f"reward.sources.{i}.path") for i, s in enumerate(cfg.reward.sources)
+              if s.type == "model"]
+    return found
+
+
+def check_models(cfg: Config):
+    """Every model the run will load is checked from its files before the first weights are read; returns the
+    policy's transformers config."""
+    configs = [load_config_checked(path, kind=kind, field=field, trust_remote_code=cfg.model.trust_remote_code)
+               for path, kind, field in models_of(cfg)]
+    return configs[0]
 
 
 def make_reward(cfg: Config, reward_fn: Callable | None, device) -> WeightedSum:
