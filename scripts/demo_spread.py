@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from learning_spread import cpu_name  # noqa: E402
+from learning_spread import capability, cpu_name  # noqa: E402
 
 KEYS = ("reward_first3", "reward_last3", "eval_reward_before", "eval_reward_after", "final_kl")
 
@@ -32,9 +32,7 @@ def one(kernel: str, threads: int) -> dict:
            "PPO_LM_CACHE": str(out.parent / f"cache-{kernel}")}
     subprocess.run([sys.executable, "-m", "ppo_lm.cli", "demo", "--output-dir", str(out)], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    cap = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip()
-    return {"kernel": cap, **json.loads((out / "summary.json").read_text())}
+    return {"kernel": capability(kernel), **json.loads((out / "summary.json").read_text())}
 
 
 def main() -> int:

@@ -31,6 +31,13 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def capability(kernel: str) -> str:
+    """The kernel path PyTorch actually takes under ``ATEN_CPU_CAPABILITY=kernel`` on this machine."""
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
 def one(kernel: str, seed: int, log: Path, threads: int, keyword: str | None) -> int:
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel, "PPO_LM_TEST_SEED": str(seed), "PPO_LM_LEARNING_LOG": str(log),
            "OMP_NUM_THREADS": str(threads)}

@@ -26,7 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from learning_spread import capability  # noqa: E402
 from ppo_lm.stats import format_interval, mean_interval  # noqa: E402
 from ppo_lm.tasks import TASKS, text_generation  # noqa: E402
 
@@ -58,13 +60,6 @@ WHAT = {
 }
 
 
-
-
-def capability(kernel: str) -> str:
-    """The kernel path PyTorch actually takes under ``ATEN_CPU_CAPABILITY=kernel`` on this machine."""
-    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel}
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pick_kernels(asked: list[str] | None) -> list[tuple[str, str]]:
