@@ -299,8 +299,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                 re.compile(src.pattern)
             except re.error as e:
                 fail(f"{key}.pattern", f"not a valid regular expression: {e}")
-        if src.type == "length" and range_problem(src.target, "> 0"):
-            fail(f"{key}.target", range_problem(src.target, "> 0"))
+        if src.type == "length" and (problem := range_problem(src.target, "> 0")):
+            fail(f"{key}.target", problem)
     if not check_paths:
         return
     checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
