@@ -15,6 +15,7 @@ import inspect
 import json
 import re
 import sys
+import typing
 from pathlib import Path
 
 import yaml
@@ -70,6 +71,15 @@ def default(f: dataclasses.Field, cls=None) -> str:
         else "one `sentiment` source"
 
 
+def choices(cls, name: str, meaning: str) -> str:
+    """The values of a ``Literal`` field, when its comment does not already name them all (the reward types
+    come from the registry, so their list is not written by hand)."""
+    hint = typing.get_type_hints(cls)[name]
+    if typing.get_origin(hint) is not typing.Literal or all(str(a) in meaning for a in typing.get_args(hint)):
+        return ""
+    return " | ".join(f"`{a}`" for a in typing.get_args(hint))
+
+
 def table(cls, lang: str, zh: dict, only: list[str] | None, missing: list[str]) -> str:
     en = comments(cls)
     rows = [HEADER[lang], "|---|---|---|"]
@@ -83,6 +93,8 @@ def table(cls, lang: str, zh: dict, only: list[str] | None, missing: list[str]) 
             meaning = zh.get(key) or ""
             if not meaning:
                 missing.append(key)
+        if options := choices(cls, f.name, en.get(f.name, "")):
+            meaning += f" One of: {options}." if lang == "en" else f"可选：{options}。"
         if "range" in f.metadata:  # the rule the config check applies (config.ranged)
             meaning += f" Range: {f.metadata['range']}." if lang == "en" else f"取值范围：{f.metadata['range']}。"
         rows.append(f"| `{f.name}` | {default(f, cls)} | {meaning.replace('|', chr(92) + '|')} |")

@@ -58,6 +58,11 @@ def test_round_trip_through_dict():
     (GOOD + "trainer:\n  x: 1\n", "trainer", 10, "did you mean 'train'"),
     (GOOD + "  use_cache: true\n", "ppo.use_cache", 10, "unknown key"),
     (GOOD + "reward:\n  sources:\n    - type: python\n", "reward.sources.0.function", None, "module:function"),
+    (GOOD + "reward:\n  sources:\n    - type: length\n      words: [a]\n", "reward.sources.0.words", 13,
+     "is not an option of a 'length' reward (its options: target)"),
+    (GOOD + "reward:\n  sources:\n    - type: format\n      pattern: '('\n", "reward.sources.0.pattern", 13,
+     "not a valid regular expression"),
+    (GOOD + "reward:\n  sources:\n    - type: sentimnt\n", "reward.sources.0.type", 12, "did you mean 'sentiment'"),
 ])
 def test_validation_names_field_and_line(tmp_path, text, field, line, words):
     path = write(tmp_path, text)

@@ -1,3 +1,5 @@
+import typing
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -107,3 +109,39 @@ def test_reward_model_source(tiny_reward_model_dir):
 def test_reward_model_must_be_a_classifier(tiny_model_dir):
     with pytest.raises(UserError, match="is not a sequence-classification"):
         build_source(src(type="model", path=str(tiny_model_dir)))
+
+
+def test_every_source_option_belongs_to_a_reward_type():
+    """The registry and the schema agree: each option of RewardSourceConfig is read by some type, and each
+    type's options are fields of RewardSourceConfig (a new type with a new option adds both)."""
+    import dataclasses
+
+    from ppo_lm.rewards import COMMON_KEYS, REWARD_TYPES
+
+    fields = {f.name for f in dataclasses.fields(RewardSourceConfig)} - set(COMMON_KEYS)
+    claimed = {o for kind in REWARD_TYPES.values() for o in kind.options}
+    assert claimed == fields
+    assert set(REWARD_TYPES) == set(typing.get_args(typing.get_type_hints(RewardSourceConfig)["type"]))
+
+
+def test_a_new_reward_type_is_a_class_and_a_registry_line(monkeypatch):
+    from ppo_lm import rewards
+
+    class Shouting:
+        options = ("words",)
+
+        @staticmethod
+        def check(s):
+            if len(s.words) != 1:
+                yield "words", "needs exactly one word"
+
+        @classmethod
+        def from_config(cls, s, *, device=None, key=""):
+            return lambda prompts, completions, fields: torch.tensor([float(s.words[0] in c) for c in completions])
+
+    monkeypatch.setitem(rewards.REWARD_TYPES, "shout", Shouting)
+    entry = src(type="shout", words=["HEY"])
+    assert list(rewards.source_problems(entry, RewardSourceConfig())) == []
+    assert list(rewards.source_problems(src(type="shout", words=["a", "b"], target=3), RewardSourceConfig())) == [
+        ("target", "is not an option of a 'shout' reward (its options: words)"), ("words", "needs exactly one word")]
+    assert build_reward(RewardConfig(sources=[entry]))(["", ""], ["HEY you", "hi"], {}).tolist() == [1.0, 0.0]

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from .configfile import (Builder, ConfigDeprecationWarning, apply_override, check_ranges, closest_name,  # noqa: F401
                          load, located_error, looks_local, move_renamed_keys, range_problem, ranged, read_config)
+from .rewards import REWARD_TYPES, source_problems
 
 # --------------------------------------------------------------------------------------------- schema
 
@@ -98,8 +98,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardSourceConfig:
-    #: Kind: model | python | sentiment | exact_match | f1 | keyword | length | format.
-    type: Literal["model", "python", "sentiment", "exact_match", "f1", "keyword", "length", "format"] = "sentiment"
+    #: Kind of source; each reads only its own options below (docs/rewards.md).
+    type: Literal[tuple(REWARD_TYPES)] = "sentiment"
     #: Weight of this source in the sum.
     weight: float = 1.0
     #: model: folder or hub name of an AutoModelForSequenceClassification reward model.
@@ -282,25 +282,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     if not cfg.reward.sources:
         fail("reward.sources", "needs at least one reward source")
     for i, src in enumerate(cfg.reward.sources):
-        key = f"reward.sources.{i}"
-        if not math.isfinite(src.weight):
-            fail(f"{key}.weight", f"must be a finite number, got {src.weight}")
-        if src.type == "model" and not src.path:
-            fail(f"{key}.path", "a 'model' reward needs path: a sequence-classification model folder or hub name")
-        if src.type == "python" and (not src.function or ":" not in src.function):
-            fail(f"{key}.function", "a 'python' reward needs function: 'module:function'")
-        if src.type == "keyword" and not src.words:
-            fail(f"{key}.words", "a 'keyword' reward needs a non-empty list of words")
-        if src.type == "format" and not src.pattern:
-            fail(f"{key}.pattern", "a 'format' reward needs pattern: a regular expression")
-        if src.type == "format" and src.pattern:
-            import re
-            try:
-                re.compile(src.pattern)
-            except re.error as e:
-                fail(f"{key}.pattern", f"not a valid regular expression: {e}")
-        if src.type == "length" and (problem := range_problem(src.target, "> 0")):
-            fail(f"{key}.target", problem)
+        for key, problem in source_problems(src, RewardSourceConfig()):
+            fail(f"reward.sources.{i}.{key}", problem)
     if not check_paths:
         return
     checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),

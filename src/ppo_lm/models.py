@@ -319,16 +319,29 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice
     return tok
 
 
+def load_pretrained(auto_class, name_or_path: str, *, kind: str, field: str, dtype: str = "float32",
+                    trust_remote_code: bool = False, config=None, **kwargs):
+    """The one way every role loads a Hugging Face model: the files checked and the config checked to be of
+    ``kind`` (``causal`` or ``classifier``) before any weights are read, dropout off, safetensors preferred,
+    load errors as one line naming ``field``, and the model prepared for training (:func:`prepare_model`).
+    ``config`` replaces the checked config (a caller that edits it first passes it back); ``kwargs`` go to
+    ``from_pretrained``."""
+    if config is None:
+        config = load_config_checked(name_or_path, kind=kind, field=field, trust_remote_code=trust_remote_code)
+    model = from_pretrained(auto_class, name_or_path, field=field, config=no_dropout_config(config),
+                            dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                            use_safetensors=_safetensors(name_or_path), **kwargs)
+    prepare_model(model)
+    return model
+
+
 def load_causal_lm(name_or_path: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                    field: str = "model.name_or_path"):
+    """A causal LM (the policy, the reference, an SFT or evaluated model) by :func:`load_pretrained`."""
     from transformers import AutoModelForCausalLM
 
-    config = no_dropout_config(load_config_checked(name_or_path, kind="causal", field=field,
-                                                    trust_remote_code=trust_remote_code))
-    lm = from_pretrained(AutoModelForCausalLM, name_or_path, field=field, config=config, dtype=DTYPES[dtype],
-                         trust_remote_code=trust_remote_code, use_safetensors=_safetensors(name_or_path))
-    prepare_model(lm)
-    return lm
+    return load_pretrained(AutoModelForCausalLM, name_or_path, kind="causal", field=field, dtype=dtype,
+                           trust_remote_code=trust_remote_code)
 
 
 def _safetensors(name_or_path: str) -> bool | None:
@@ -372,12 +385,9 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
         from transformers import AutoModel
 
         path = model_cfg.name_or_path if model_cfg.critic == "policy" else model_cfg.critic
-        config = no_dropout_config(load_config_checked(path, kind="causal", field="model.critic",
-                                                        trust_remote_code=model_cfg.trust_remote_code))
-        critic = from_pretrained(AutoModel, path, field="model.critic", config=config, dtype=DTYPES[model_cfg.dtype],
-                                 trust_remote_code=model_cfg.trust_remote_code, use_safetensors=_safetensors(path))
-        prepare_model(critic)
-        hidden_size = config.hidden_size
+        critic = load_pretrained(AutoModel, path, kind="causal", field="model.critic", dtype=model_cfg.dtype,
+                                 trust_remote_code=model_cfg.trust_remote_code)
+        hidden_size = critic.config.hidden_size
     head = ValueHead(hidden_size, model_cfg.value_head_init_std)
     return PolicyWithValue(lm, head, critic)
 

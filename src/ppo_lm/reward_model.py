@@ -23,7 +23,7 @@ from .config import ModelConfig
 from .configfile import ranged
 from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
-from .models import DTYPES, no_dropout_config, apply_lora, from_pretrained, load_tokenizer, prepare_model, save_merged
+from .models import apply_lora, load_pretrained, load_tokenizer, save_merged
 from .rewards.model import ENCODING_KEY, encode_for_reward
 from .sft import OptimConfig, StageRunConfig, fit, micro_batches, split_records, validate_stage
 from .tracking import MetricsLog
@@ -119,8 +119,8 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     seed_everything(cfg.train.seed)
     d = cfg.data
     kind = "classifier" if is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
-    config = no_dropout_config(load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
-                                                    trust_remote_code=cfg.model.trust_remote_code))
+    config = load_config_checked(cfg.model.name_or_path, kind=kind, field="model.name_or_path",
+                                 trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
@@ -153,10 +153,9 @@ def _load_model(cfg: RewardModelConfig, config, tokenizer):
     config.num_labels, config.pad_token_id = 1 if d.mode == "pairwise" else d.num_labels, tokenizer.pad_token_id
     chat = d.mode == "pairwise" and use_chat_template(tokenizer, d.chat_template)
     setattr(config, ENCODING_KEY, {"chat_template": chat, "max_length": d.max_length, "truncation_side": "left"})
-    model = from_pretrained(AutoModelForSequenceClassification, cfg.model.name_or_path, field="model.name_or_path",
-                            config=config, dtype=DTYPES[cfg.model.dtype], trust_remote_code=cfg.model.trust_remote_code,
-                            ignore_mismatched_sizes=True)
-    prepare_model(model)
+    model = load_pretrained(AutoModelForSequenceClassification, cfg.model.name_or_path, kind="classifier",
+                            field="model.name_or_path", config=config, dtype=cfg.model.dtype,
+                            trust_remote_code=cfg.model.trust_remote_code, ignore_mismatched_sizes=True)
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora, "SEQ_CLS")
     return model, chat

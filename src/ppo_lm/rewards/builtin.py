@@ -1,5 +1,7 @@
 """Built-in scorers: sentiment (VADER), exact match and token F1 against a reference field, keyword
-frequency, length and format. Each is a small class with the reward protocol's ``__call__``."""
+frequency, length and format. Each is a small class with the reward protocol's ``__call__``, the options it
+reads from its ``reward.sources`` entry (``options``) and their checks (``check``), as every reward type has
+(see :mod:`ppo_lm.rewards`)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,26 @@ from collections import Counter
 
 import torch
 
+from ..configfile import range_problem
 from ..errors import RewardError
 
 
-class Sentiment:
+class Builtin:
+    """What the built-in types share: built from their config entry; no options and nothing to check unless
+    they say so."""
+
+    options: tuple[str, ...] = ()
+
+    @staticmethod
+    def check(src):
+        return iter(())
+
+    @classmethod
+    def from_config(cls, src, *, device=None, key: str = "reward.sources.0"):
+        return cls(src)
+
+
+class Sentiment(Builtin):
     """VADER compound polarity of the completion, in [-1, 1] (Hutto & Gilbert 2014; lexicon shipped in the
     ``vaderSentiment`` wheel, no network)."""
 
@@ -67,7 +85,16 @@ def reference_list(value) -> list[str]:
     return [str(value)]
 
 
-class _Reference:
+class ReferenceAnswers(Builtin):
+    """Scorers against the reference answer(s) in a dataset field (named by ``field``)."""
+
+    options = ("field",)
+
+    @staticmethod
+    def check(src):
+        if not src.field:
+            yield "field", "names the dataset field holding the reference answer(s); it is empty"
+
     def __init__(self, src):
         self.field = src.field
 
@@ -78,22 +105,29 @@ class _Reference:
         return [reference_list(v) for v in fields[self.field]]
 
 
-class ExactMatch(_Reference):
+class ExactMatch(ReferenceAnswers):
     """1 if the normalised completion equals a normalised reference answer, else 0."""
 
     def __call__(self, prompts, completions, fields):
         return torch.tensor([exact_match(c, refs) for c, refs in zip(completions, self.refs(fields, len(completions)))])
 
 
-class F1(_Reference):
+class F1(ReferenceAnswers):
     """Best token F1 (SQuAD definition) between the completion and any reference answer."""
 
     def __call__(self, prompts, completions, fields):
         return torch.tensor([best_f1(c, refs) for c, refs in zip(completions, self.refs(fields, len(completions)))])
 
 
-class Keyword:
+class Keyword(Builtin):
     """Fraction of the completion's words that are in ``words`` (0 for an empty completion)."""
+
+    options = ("words",)
+
+    @staticmethod
+    def check(src):
+        if not src.words:
+            yield "words", "a 'keyword' reward needs a non-empty list of words"
 
     def __init__(self, src):
         self.words = {w.lower() for w in src.words}
@@ -106,8 +140,15 @@ class Keyword:
         return torch.tensor(out)
 
 
-class Length:
+class Length(Builtin):
     """``-|words - target| / target``: 0 at the target length, negative either side."""
+
+    options = ("target",)
+
+    @staticmethod
+    def check(src):
+        if problem := range_problem(src.target, "> 0"):
+            yield "target", problem
 
     def __init__(self, src):
         self.target = src.target
@@ -116,8 +157,20 @@ class Length:
         return torch.tensor([-abs(len(c.split()) - self.target) / self.target for c in completions])
 
 
-class Format:
+class Format(Builtin):
     """1 if the completion matches the regular expression ``pattern`` (``re.search``), else 0."""
+
+    options = ("pattern",)
+
+    @staticmethod
+    def check(src):
+        if not src.pattern:
+            yield "pattern", "a 'format' reward needs pattern: a regular expression"
+            return
+        try:
+            re.compile(src.pattern)
+        except re.error as e:
+            yield "pattern", f"not a valid regular expression: {e}"
 
     def __init__(self, src):
         self.pattern = re.compile(src.pattern)
@@ -125,6 +178,3 @@ class Format:
     def __call__(self, prompts, completions, fields):
         return torch.tensor([float(bool(self.pattern.search(c))) for c in completions])
 
-
-BUILTIN = {"sentiment": Sentiment, "exact_match": ExactMatch, "f1": F1, "keyword": Keyword, "length": Length,
-           "format": Format}

@@ -14,7 +14,7 @@ import torch
 
 from ..data import right_padded
 from ..errors import UserError
-from ..models import DTYPES, no_dropout_config, from_pretrained, load_config_checked, load_tokenizer, prepare_model
+from ..models import load_config_checked, load_pretrained, load_tokenizer
 
 
 #: The key in a reward model's config.json that records how its texts were encoded in training.
@@ -35,22 +35,33 @@ def encode_for_reward(tokenizer, prompt: str, completion: str, max_length: int, 
 
 
 class RewardModel:
+    """A sequence-classification model as a reward source (``type: model``)."""
+
+    options = ("path",)
+
+    @staticmethod
+    def check(src):
+        if not src.path:
+            yield "path", "a 'model' reward needs path: a sequence-classification model folder or hub name"
+
+    @classmethod
+    def from_config(cls, src, *, device=None, key: str = "reward.sources.0"):
+        return cls(src.path, device=device, field=f"{key}.path")
+
     def __init__(self, path: str, *, device=None, dtype: str = "float32", batch_size: int = 32,
                  max_length: int = 1024, trust_remote_code: bool = False, field: str = "reward.sources.path"):
         from transformers import AutoModelForSequenceClassification
 
-        config = no_dropout_config(load_config_checked(path, kind="classifier", field=field,
-                                                        trust_remote_code=trust_remote_code))
+        config = load_config_checked(path, kind="classifier", field=field, trust_remote_code=trust_remote_code)
         if config.num_labels not in (1, 2):
             raise UserError(f"reward model {path!r} has {config.num_labels} labels; use a 1-label (score) or "
                             "2-label (negative/positive) classifier", field)
         self.tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code, notice=lambda _msg: None, field=field)
         self.tokenizer.padding_side = "right"
-        self.model = from_pretrained(AutoModelForSequenceClassification, path, field=field, config=config,
-                                     dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        self.model = load_pretrained(AutoModelForSequenceClassification, path, kind="classifier", field=field,
+                                     config=config, dtype=dtype, trust_remote_code=trust_remote_code)
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        prepare_model(self.model)
         self.model.eval().requires_grad_(False)
         self.device = device or torch.device("cpu")
         self.model.to(self.device)

@@ -41,6 +41,19 @@ def import_function(spec: str, field: str = "reward.function"):
 
 
 class PythonReward:
+    """A user's function as a reward source (``type: python``)."""
+
+    options = ("function", "kwargs")
+
+    @staticmethod
+    def check(src):
+        if not src.function or ":" not in src.function:
+            yield "function", "a 'python' reward needs function: 'module:function'"
+
+    @classmethod
+    def from_config(cls, src, *, device=None, key: str = "reward.sources.0"):
+        return cls(src.function, src.kwargs, field=f"{key}.function")
+
     def __init__(self, spec: str, kwargs: dict | None = None, field: str = "reward.function"):
         self.fn = import_function(spec, field)
         self.kwargs = dict(kwargs or {})
