@@ -125,6 +125,26 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def compare(trl: dict, trl_bf16: dict | None, ours: dict[str, dict], trl_tflops: float) -> dict[str, dict]:
+    """Per ppo-lm mode, its ratios to TRL: speed, memory, FLOPs per iteration (``trl_tflops``, what TRL computes
+    for the same iteration by peer_flops.py) and work per second; generation and GPU memory where both have them."""
+    ratios = {}
+    for mode, o in ours.items():
+        speedup = trl["sec_per_iter_median"] / o["seconds_per_iteration"]
+        o["trl_iteration_tflops"] = trl_tflops
+        flop_ratio = trl_tflops / o["iteration_tflops"]
+        ratios[mode] = {"speedup_vs_trl": round(speedup, 2),
+                        "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3),
+                        "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
+        if o.get("generate_s") and trl.get("generation_sec_median"):  # sampling alone, part of the rollout
+            ratios[mode]["generation_speedup_vs_trl"] = round(trl["generation_sec_median"] / o["generate_s"], 2)
+        if o.get("peak_gpu_mib") and trl.get("peak_gpu_mib"):
+            ratios[mode]["peak_gpu_vs_trl"] = round(o["peak_gpu_mib"] / trl["peak_gpu_mib"], 3)
+        if trl_bf16:
+            ratios[mode]["speedup_vs_trl_bf16"] = round(trl_bf16["sec_per_iter_median"] / o["seconds_per_iteration"], 2)
+    return ratios
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["tiny"], choices=SIZES)
@@ -164,20 +184,7 @@ def main() -> int:
         for mode in a.modes:
             ours[mode] = run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size,
                               "--iterations", str(a.iters or trl_iters), *MODES[mode]])
-        ratios, trl_tflops = {}, trl_iteration_tflops(models / size / "policy")
-        for mode, o in ours.items():
-            speedup = trl["sec_per_iter_median"] / o["seconds_per_iteration"]
-            o["trl_iteration_tflops"] = trl_tflops  # what TRL computes for the same iteration (peer_flops.py)
-            flop_ratio = trl_tflops / o["iteration_tflops"]
-            ratios[mode] = {"speedup_vs_trl": round(speedup, 2),
-                            "peak_rss_vs_trl": round(o["peak_rss_mib"] / trl["peak_rss_mib"], 3),
-                            "flop_ratio": round(flop_ratio, 2), "work_per_second_vs_trl": round(speedup / flop_ratio, 2)}
-            if o.get("generate_s") and trl.get("generation_sec_median"):  # sampling alone, part of the rollout
-                ratios[mode]["generation_speedup_vs_trl"] = round(trl["generation_sec_median"] / o["generate_s"], 2)
-            if o.get("peak_gpu_mib") and trl.get("peak_gpu_mib"):
-                ratios[mode]["peak_gpu_vs_trl"] = round(o["peak_gpu_mib"] / trl["peak_gpu_mib"], 3)
-            if trl_bf16:
-                ratios[mode]["speedup_vs_trl_bf16"] = round(trl_bf16["sec_per_iter_median"] / o["seconds_per_iteration"], 2)
+        ratios = compare(trl, trl_bf16, ours, trl_iteration_tflops(models / size / "policy"))
         results.append({"size": size, "trl_precision": "bf16" if gpu else "fp32", "trl": trl, "trl_bf16": trl_bf16,
                         "ppo_lm": ours, "ratios": ratios})
         print(json.dumps({"size": size, "trl_s_per_iter": trl["sec_per_iter_median"],

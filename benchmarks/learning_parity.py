@@ -119,7 +119,7 @@ def combine(files: list[str], out: Path) -> int:
     return 0
 
 
-def main() -> int:
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -139,7 +139,66 @@ def main() -> int:
                     help="reuse TRL's curve from an earlier run's JSON with the same task, seed, lr, kl_coef and "
                          "iterations instead of running TRL again (a ppo-lm change does not change TRL's side)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="only plot these earlier runs in one figure (--out .png)")
-    a = ap.parse_args()
+    return ap, ap.parse_args()
+
+
+def trl_curve(a, venv: str, tmp: str, task: list[str]) -> list[float] | None:
+    """TRL's mean reward per iteration on the same models and prompts (in ``tmp``), run in its own virtual
+    environment; None (with its stderr printed) when it fails."""
+    cmd = [str(Path(venv, "bin", "python")), str(ROOT / "benchmarks" / "parity_trl.py"), "--models", tmp,
+           "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
+           "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:])
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
+
+
+def plot(a, trl: list[float], ours: list[float], path: Path) -> None:
+    """Both reward curves against samples seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
+    ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
+            label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision}"
+                  f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''}{f', vf_coef {a.vf_coef:g}' if a.vf_coef != 0.1 else ''})")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean reward of the batch")
+    ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def count_task():
+    """The random-init task's tokenizer (the benchmark's words, padded to VOCAB) and its reward: the share of
+    the 32 response tokens whose id is below BELOW."""
+    import torch
+
+    from ppo_lm import toy
+    from ppo_lm.bench import WORDS
+
+    words = list(dict.fromkeys(WORDS))
+    words += [f"w{i}" for i in range(VOCAB - len(toy.SPECIAL_TOKENS) - len(words))]
+    tok = toy.word_tokenizer(words)
+    assert len(tok) == VOCAB
+    targets = {tok.convert_ids_to_tokens(i) for i in range(3, BELOW)}
+
+    def reward(prompts, completions, fields):
+        return torch.tensor([sum(w in targets for w in c.split()) / 32 for c in completions])
+
+    return tok, reward
+
+
+def main() -> int:
+    ap, a = parse_args()
     if a.combine:
         return combine(a.combine, Path(a.out).with_suffix(".png"))
     if a.pretrained and not a.stories:
@@ -155,21 +214,12 @@ def main() -> int:
         print("learning-parity skipped: set TRL_PEER_VENV to a virtual environment with trl==1.12.0")
         return 0
 
-    import torch
-
     from ppo_lm import toy
-    from ppo_lm.bench import SHAPES, WORDS, synthetic_prompts
+    from ppo_lm.bench import SHAPES, synthetic_prompts
     from ppo_lm.config import config_from_dict
     from ppo_lm.trainer import train
 
-    words = list(dict.fromkeys(WORDS))
-    words += [f"w{i}" for i in range(VOCAB - len(toy.SPECIAL_TOKENS) - len(words))]
-    tok = toy.word_tokenizer(words)
-    assert len(tok) == VOCAB
-    targets = {tok.convert_ids_to_tokens(i) for i in range(3, BELOW)}
-
-    def reward(prompts, completions, fields):
-        return torch.tensor([sum(w in targets for w in c.split()) / 32 for c in completions])
+    tok, reward = count_task()
 
     with tempfile.TemporaryDirectory(prefix="ppo-lm-parity-") as tmp:
         if a.pretrained:
@@ -183,19 +233,9 @@ def main() -> int:
             prompts = synthetic_prompts()
             task = ["--target-below", str(BELOW)]
         (Path(tmp) / "prompts.json").write_text(json.dumps(prompts))
-        if earlier is not None:
-            trl = earlier["trl_reward"]
-        else:
-            cmd = [str(Path(venv, "bin", "python")), str(ROOT / "benchmarks" / "parity_trl.py"), "--models", tmp,
-                   "--prompts", str(Path(tmp) / "prompts.json"), "--iters", str(a.iters), "--lr", str(a.lr),
-                   "--seed", str(a.seed), "--kl-coef", str(a.kl_coef), *task]
-            print("$", " ".join(cmd), flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:])
-                return 1
-            trl = json.loads(proc.stdout.strip().splitlines()[-1])["reward_mean"]
-
+        trl = earlier["trl_reward"] if earlier is not None else trl_curve(a, venv, tmp, task)
+        if trl is None:
+            return 1
         d = ppo_lm_config(tmp, a.iters, lr=a.lr, kl_coef=a.kl_coef, seed=a.seed, mixed_precision=a.mixed_precision,
                           value_lr=a.value_lr, vf_coef=a.vf_coef, critic=a.critic)
         result = train(config_from_dict(d), reward_fn=None if a.pretrained else reward,
@@ -217,23 +257,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot([64 * (i + 1) for i in range(len(trl))], trl, marker=".", label="TRL 1.12.0 PPOTrainer")
-    ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
-            label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision}"
-                  f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''}{f', vf_coef {a.vf_coef:g}' if a.vf_coef != 0.1 else ''})")
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel("mean reward of the batch")
-    ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=110)
+    plot(a, trl, ours, out.with_suffix(".png"))
     print(json.dumps({k: v for k, v in summary.items() if not k.endswith("_reward")}))
     return 0
 

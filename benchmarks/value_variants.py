@@ -25,29 +25,12 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--pretrained", default=str(ROOT.parent / "shared/assets/stories260K/hf"))
-    ap.add_argument("--stories", default=str(ROOT.parent / "shared/assets/tinystories_text/tinystories_train_head.jsonl"))
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--value-lr", type=float, default=None)
-    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    ap.add_argument("--head", default="linear", choices=["linear", "mlp"])
-    ap.add_argument("--mlp-width", type=int, default=1)
-    ap.add_argument("--detach", action="store_true")
-    ap.add_argument("--critic-layers", type=int, default=None)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override as on the ppo-lm command line (e.g. ppo.vf_coef=1.0)")
-    a = ap.parse_args()
-
+def patch_value_estimator(a) -> None:
+    """Swap ppo-lm's value head for the variant ``a`` asks for (an MLP, a detached trunk) and, with
+    ``--critic-layers``, cut the separate critic to that many layers."""
     from torch import nn
 
     import ppo_lm.models as models
-    from learning_parity import ppo_lm_config, story_prompts
-    from ppo_lm.config import apply_override, config_from_dict  # the command line's override rules
-    from ppo_lm.trainer import train
 
     class Head(nn.Module):
         def __init__(self, hidden_size: int, init_std: float = 0.0):
@@ -74,6 +57,29 @@ def main() -> int:
 
         models.load_config_checked = truncated
 
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--pretrained", default=str(ROOT.parent / "shared/assets/stories260K/hf"))
+    ap.add_argument("--stories", default=str(ROOT.parent / "shared/assets/tinystories_text/tinystories_train_head.jsonl"))
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--value-lr", type=float, default=None)
+    ap.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
+    ap.add_argument("--head", default="linear", choices=["linear", "mlp"])
+    ap.add_argument("--mlp-width", type=int, default=1)
+    ap.add_argument("--detach", action="store_true")
+    ap.add_argument("--critic-layers", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override as on the ppo-lm command line (e.g. ppo.vf_coef=1.0)")
+    a = ap.parse_args()
+
+    from learning_parity import ppo_lm_config, story_prompts
+    from ppo_lm.config import apply_override, config_from_dict  # the command line's override rules
+    from ppo_lm.trainer import train
+
+    patch_value_estimator(a)
     prompts = story_prompts(a.pretrained, a.stories)
     for seed in a.seeds:
         with tempfile.TemporaryDirectory(prefix="ppo-lm-variants-") as tmp:

@@ -162,48 +162,29 @@ def section(task: str, runs: list[dict]) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tasks", nargs="+", default=["sentiment_analysis", "qa", "text_generation"], choices=list(TASKS))
-    ap.add_argument("--assets", default="../shared/assets")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--kernels", nargs="+", choices=KERNELS, help="ATEN_CPU_CAPABILITY values (default: the first "
-                    "two distinct paths of avx512, avx2, default on this machine)")
-    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
-    ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from the runs there")
-    args = ap.parse_args()
-    if not (ROOT / args.assets).is_dir():  # the pipelines run from the repository root
-        print(f"error: --assets: no such directory: {args.assets} (make results needs the public data there)",
-              file=sys.stderr)
-        return 2
-    if not args.report_only:
-        from ppo_lm import tasks
-        from ppo_lm.pipeline import load_pipeline_config
+def run_all(args) -> None:
+    """Prepare each task's data once, then run every (task, kernel path, seed), ``args.jobs`` at a time."""
+    from ppo_lm import tasks
+    from ppo_lm.pipeline import load_pipeline_config
 
-        kernels = pick_kernels(args.kernels)
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        for task in args.tasks:  # data first, once: the runs then share it
-            p = load_pipeline_config(str(ROOT / TASKS[task].example), [f"assets={args.assets}"])
-            shutil.rmtree(ROOT / p.data_dir, ignore_errors=True)
-            tasks.prepare(task, ROOT / args.assets, ROOT / p.data_dir)
-        jobs = [(t, k, c, s) for t in args.tasks for s in args.seeds for k, c in kernels]
-        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for f in [pool.submit(run_one, t, k, c, s, args.assets, threads) for t, k, c, s in jobs]:
-                f.result()
-    sections, all_ok, total_minutes = [], True, 0.0
-    for task in args.tasks:
-        runs = load_runs(task)
-        total_minutes += sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60
-        if not runs:
-            print(f"error: no finished runs of {task} under runs/results/{task}", file=sys.stderr)
-            return 1
-        text, ok = section(task, runs)
-        sections.append(text)
-        all_ok &= ok
+    kernels = pick_kernels(args.kernels)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    for task in args.tasks:  # data first, once: the runs then share it
+        p = load_pipeline_config(str(ROOT / TASKS[task].example), [f"assets={args.assets}"])
+        shutil.rmtree(ROOT / p.data_dir, ignore_errors=True)
+        tasks.prepare(task, ROOT / args.assets, ROOT / p.data_dir)
+    jobs = [(t, k, c, s) for t in args.tasks for s in args.seeds for k, c in kernels]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for f in [pool.submit(run_one, t, k, c, s, args.assets, threads) for t, k, c, s in jobs]:
+            f.result()
+
+
+def header(total_minutes: float) -> list[str]:
+    """The top of RESULTS.md: how the numbers were made, on which machine and date."""
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    header = [
+    return [
         "# Results: the three applications, before and after PPO", "",
         "Written by `make results` (scripts/make_results.py); every number below is read from the runs it made. "
         "Re-run it to regenerate this file.", "",
@@ -224,7 +205,35 @@ def main() -> int:
         "After SFT it reaches a token F1 of about 0.01 on held-out questions, too little reward for PPO to learn "
         "from; that source is there for larger models.", "",
     ]
-    (ROOT / "docs" / "RESULTS.md").write_text("\n".join(header + sections))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tasks", nargs="+", default=["sentiment_analysis", "qa", "text_generation"], choices=list(TASKS))
+    ap.add_argument("--assets", default="../shared/assets")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--kernels", nargs="+", choices=KERNELS, help="ATEN_CPU_CAPABILITY values (default: the first "
+                    "two distinct paths of avx512, avx2, default on this machine)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each gets cores / jobs threads)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite RESULTS.md from the runs there")
+    args = ap.parse_args()
+    if not (ROOT / args.assets).is_dir():  # the pipelines run from the repository root
+        print(f"error: --assets: no such directory: {args.assets} (make results needs the public data there)",
+              file=sys.stderr)
+        return 2
+    if not args.report_only:
+        run_all(args)
+    sections, all_ok, total_minutes = [], True, 0.0
+    for task in args.tasks:
+        runs = load_runs(task)
+        total_minutes += sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60
+        if not runs:
+            print(f"error: no finished runs of {task} under runs/results/{task}", file=sys.stderr)
+            return 1
+        text, ok = section(task, runs)
+        sections.append(text)
+        all_ok &= ok
+    (ROOT / "docs" / "RESULTS.md").write_text("\n".join(header(total_minutes) + sections))
     print(f"wrote docs/RESULTS.md; every gain holds under every kernel path: {all_ok}")
     return 0 if all_ok else 1
 

@@ -211,12 +211,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(prefix=f"ppo-lm-bench-{size}-") as tmp:
-        ctx = multiprocessing.get_context("spawn")
-        proc = ctx.Process(target=build_models, args=(tmp, size))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
+        build_models_apart(tmp, size)
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
                            critic=critic, gradient_checkpointing=gradient_checkpointing,
                            recompute_logprobs=recompute_logprobs)
@@ -231,14 +226,32 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
     peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device, n=n)) for name, dtype in dtypes}
-    rows = result.metrics[1:]  # iteration 1 is warm-up
+    settings = {"size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
+                "gradient_checkpointing": gradient_checkpointing, "recompute_logprobs": recompute_logprobs,
+                "policy_params": n_params, "iterations": iterations}
+    out = record(settings, result.metrics, flops, peaks, device, peak_rss, peak_gpu)
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def build_models_apart(tmp: str, size: str) -> None:
+    """:func:`build_models` in a spawned process, so that building leaves no memory in the measured one."""
+    proc = multiprocessing.get_context("spawn").Process(target=build_models, args=(tmp, size))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"building the {size} benchmark models failed (exit code {proc.exitcode})")
+
+
+def record(settings: dict, metrics: list[dict], flops: dict, peaks: dict, device: str, peak_rss: float,
+           peak_gpu: float | None) -> dict:
+    """The benchmark's JSON record: the settings, median times of the iterations after the first (warm-up),
+    throughputs, FLOP rates against the measured matmul peaks, memory and the machine."""
+    rows = metrics[1:]
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
-    out = {
-        "tool": "ppo-lm", "size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
-        "gradient_checkpointing": gradient_checkpointing, "recompute_logprobs": recompute_logprobs,
-        "policy_params": n_params, "iterations": iterations, "prompts_per_iter": 64, "new_tokens": 32,
-        "ppo_epochs": 4, "minibatches": 4,
+    return {
+        "tool": "ppo-lm", **settings, "prompts_per_iter": 64, "new_tokens": 32, "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),
         "generate_s": med("time_generate_s"), "score_s": med("time_score_s"), "train_s": med("time_train_s"),
         "tokens_per_s": round(tokens / med("time_iteration_s"), 1),
@@ -253,12 +266,10 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         "train_mfu_vs_bf16_peak": round(flops["train"] / med("time_train_s") / peaks["bf16"], 3),
         "rollout_gflops_per_s": round(flops["rollout"] / med("time_rollout_s") / 1e9, 1),
         "iteration_tflops": round(sum(flops.values()) / 1e12, 3),
-        "warmup_iteration_s": round(result.metrics[0]["time_iteration_s"], 3),
-        "iteration_s": [round(r["time_iteration_s"], 3) for r in result.metrics],
+        "warmup_iteration_s": round(metrics[0]["time_iteration_s"], 3),
+        "iteration_s": [round(r["time_iteration_s"], 3) for r in metrics],
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "peak_gpu_mib": peak_gpu and round(peak_gpu, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
-    print(json.dumps(out), flush=True)
-    return out

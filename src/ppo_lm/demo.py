@@ -174,11 +174,25 @@ def sample_table(model, tokenizer, prompts: list[str], reward, seed: int, max_ne
     return completions, scores
 
 
+def before_after_table(prompts, before, before_scores, after, after_scores):
+    """A rich table of one sample per held-out prompt before and after PPO, with their scores."""
+    from rich.table import Table
+
+    table = Table(title="before / after PPO on held-out openings (one sample each, same seed)", show_lines=True)
+    table.add_column("prompt", style="bold")
+    table.add_column("before", max_width=48)
+    table.add_column("score", justify="right")
+    table.add_column("after", max_width=48)
+    table.add_column("score", justify="right")
+    for row in zip(prompts, before, before_scores.tolist(), after, after_scores.tolist()):
+        table.add_row(row[0], row[1], f"{row[2]:+.2f}", row[3], f"{row[4]:+.2f}")
+    return table
+
+
 def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None) -> dict:
     """The whole demo; returns a summary dict (also written to ``summary.json``)."""
     from rich.console import Console
-    from rich.table import Table
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .rewards.builtin import Sentiment
     from .tracking import plot_metrics
@@ -194,8 +208,6 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     sentiment = Sentiment()
     eval_prompts = [p for p in HELDOUT_PROMPTS for _ in range(16)]
     before_model = AutoModelForCausalLM.from_pretrained(model_path)
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     before_c, before_s = sample_table(before_model, tokenizer, eval_prompts, sentiment, seed=1)
@@ -207,16 +219,8 @@ def run(output_dir: str | Path = "runs/demo", iterations: int = 30, console=None
     after_model.eval()
     after_c, after_s = sample_table(after_model, tokenizer, eval_prompts, sentiment, seed=1)
 
-    table = Table(title="before / after PPO on held-out openings (one sample each, same seed)", show_lines=True)
-    table.add_column("prompt", style="bold")
-    table.add_column("before", max_width=48)
-    table.add_column("score", justify="right")
-    table.add_column("after", max_width=48)
-    table.add_column("score", justify="right")
-    for i in range(0, len(eval_prompts), 16):
-        table.add_row(eval_prompts[i], before_c[i], f"{before_s[i]:+.2f}", after_c[i], f"{after_s[i]:+.2f}")
-    console.print(table)
-
+    console.print(before_after_table(eval_prompts[::16], before_c[::16], before_s[::16], after_c[::16],
+                                     after_s[::16]))
     rows = result.metrics
     plot_metrics(rows, out / "reward_kl.png", keys=("reward_mean", "kl"), title="ppo-lm demo: sentiment reward and KL")
     first = sum(r["reward_mean"] for r in rows[:3]) / min(3, len(rows))

@@ -75,21 +75,10 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
         lengths += mask.sum(-1).tolist()
         ended += has_eos.tolist()
         if ref is not None:
-            full, full_mask = torch.cat([prompt_ids, response], 1), torch.cat([prompt_mask, mask], 1).long()
-            T = response.shape[1]
-            logits, _ = lm_forward(model, full, full_mask, T)
-            ref_logits = logits if ref is model else lm_forward(ref, full, full_mask, T)[0]
-            if greedy:  # argmax tokens are no sample of the model: take the exact KL of each next-token distribution
-                logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
-                per_token = (logp.exp() * (logp - logq)).sum(-1)
-            else:  # the k1 estimate on the model's own samples, at the sampling temperature
-                lp = algo.logprobs_from_logits(logits, response, cfg.rollout.temperature)
-                ref_lp = algo.logprobs_from_logits(ref_logits, response, cfg.rollout.temperature)
-                per_token = algo.kl_k1(lp, ref_lp)
-            kls += (per_token * mask).sum(-1).tolist()
-            plain_ref_lp = algo.logprobs_from_logits(ref_logits, response)
-            ref_nll -= float((plain_ref_lp * mask).sum())
-            ref_tokens += int(mask.sum())
+            kl, nll = reference_divergence(model, ref, torch.cat([prompt_ids, response], 1),
+                                           torch.cat([prompt_mask, mask], 1).long(), response, mask,
+                                           cfg.rollout.temperature, greedy)
+            kls, ref_nll, ref_tokens = kls + kl, ref_nll + nll, ref_tokens + int(mask.sum())
     total, parts = reward.detailed(prompts_all, completions, fields_all)
     n = len(completions)
     std = total.std().item() if n > 1 else 0.0
@@ -108,6 +97,25 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     out["examples"] = [{"prompt": p, "completion": c, "reward": r}
                        for p, c, r in zip(prompts_all[:5], completions[:5], total[:5].tolist())]
     return out
+
+
+@torch.no_grad()
+def reference_divergence(model, ref, full, full_mask, response, mask, temperature: float,
+                         greedy: bool) -> tuple[list[float], float]:
+    """Per sequence, the KL of ``model`` to ``ref`` over the response tokens, and the reference's summed NLL of
+    those tokens (for its perplexity). Greedy tokens are no sample of the model, so there the KL is the exact KL
+    of each next-token distribution; sampled ones give the k1 estimate at the sampling temperature."""
+    T = response.shape[1]
+    logits, _ = lm_forward(model, full, full_mask, T)
+    ref_logits = logits if ref is model else lm_forward(ref, full, full_mask, T)[0]
+    if greedy:
+        logp, logq = logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1)
+        per_token = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        per_token = algo.kl_k1(algo.logprobs_from_logits(logits, response, temperature),
+                               algo.logprobs_from_logits(ref_logits, response, temperature))
+    nll = -float((algo.logprobs_from_logits(ref_logits, response) * mask).sum())
+    return (per_token * mask).sum(-1).tolist(), nll
 
 
 def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, seed: int = 0,

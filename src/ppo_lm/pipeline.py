@@ -158,6 +158,19 @@ def check_models(stages: dict) -> None:
         load_tokenizer(path, notice=lambda _m: None, field=field, trust_remote_code=trust)
 
 
+def run_stage(name: str, title: str, run_fn, cfg, root: Path, console, timed) -> dict:
+    """Train one stage into ``root/name`` unless its ``summary.json`` is there (a finished stage is skipped when
+    the pipeline runs again); return that summary."""
+    summary = root / name / "summary.json"
+    if summary.exists():
+        console.print(rf"\[{name}] skipped: {summary} exists")
+    else:
+        console.print(rf"\[{name}] {title}")
+        run_fn(cfg, console=console)
+        timed(name)
+    return json.loads(summary.read_text())
+
+
 def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from rich.console import Console
 
@@ -172,7 +185,6 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     stages = plan(config_path, p)
     check_models(stages)
     root: Path = stages["root"]
-    done = lambda name: (root / name / "summary.json").exists()  # noqa: E731
     summary: dict = {"seconds": {}}
     clock = time.perf_counter()
 
@@ -181,25 +193,14 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
         summary["seconds"][stage] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    if "sft" in stages:
-        if done("sft"):
-            console.print(rf"\[sft] skipped: {root / 'sft' / 'summary.json'} exists")
-        else:
-            console.print(r"\[sft] supervised fine-tuning")
-            sft.run(stages["sft"], console=console)
-            timed("sft")
-        summary["sft"] = json.loads((root / "sft" / "summary.json").read_text())
-    if "reward_model" in stages:
+    if "sft" in stages and "reward_model" in stages:
         rm = stages["reward_model"]
-        if "sft" in stages and rm.model.name_or_path == stages["sft"].model.name_or_path:
+        if rm.model.name_or_path == stages["sft"].model.name_or_path:
             rm.model.name_or_path = str(root / "sft" / "final")  # start the RM from the SFT model
-        if done("reward_model"):
-            console.print(rf"\[reward_model] skipped: {root / 'reward_model' / 'summary.json'} exists")
-        else:
-            console.print(r"\[reward_model] training the reward model")
-            reward_model.run(rm, console=console)
-            timed("reward_model")
-        summary["reward_model"] = json.loads((root / "reward_model" / "summary.json").read_text())
+    for name, title, module in (("sft", "supervised fine-tuning", sft),
+                                ("reward_model", "training the reward model", reward_model)):
+        if name in stages:
+            summary[name] = run_stage(name, title, module.run, stages[name], root, console, timed)
     ppo = stages["ppo"]
     if (root / "ppo" / "final" / "config.json").exists():
         console.print(rf"\[ppo] skipped: {root / 'ppo' / 'final'} exists")
@@ -211,8 +212,9 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
             return summary
         timed("ppo")
     rows = read_metrics(root / "ppo")
-    summary["ppo"] = {"iterations": len(rows), "reward_first": rows[0]["reward_mean"] if rows else None,
-                      "reward_last": rows[-1]["reward_mean"] if rows else None, "kl_last": rows[-1]["kl"] if rows else None}
+    first, last = (rows[0], rows[-1]) if rows else ({}, {})
+    summary["ppo"] = {"iterations": len(rows), "reward_first": first.get("reward_mean"),
+                      "reward_last": last.get("reward_mean"), "kl_last": last.get("kl")}
     console.print(rf"\[eval] before/after on {stages['eval'].data.path}")
     result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
                               limit=p.eval_limit, greedy=p.eval_greedy,

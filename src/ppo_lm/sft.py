@@ -9,6 +9,7 @@ wrapped in the chat template when the tokenizer has one. The saved ``final/`` is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -207,6 +208,37 @@ def micro_batches(examples: list, optim: OptimConfig, seed: int, collate) -> Cal
     return batches
 
 
+def encode_examples(d: SFTDataConfig, tokenizer, records: list[dict] | None) -> list[tuple[list[int], list[int]]]:
+    """The demonstrations (``records``, or the file ``d.path``) as (ids, labels) pairs; a record without its
+    two string fields is an error naming its line."""
+    records = records if records is not None else load_records(d.path, d.split)
+    if not records:
+        raise UserError("the dataset is empty", d.path)
+    chat = use_chat_template(tokenizer, d.chat_template)
+    examples = []
+    for i, r in enumerate(records):
+        for f in (d.prompt_field, d.response_field):
+            if not isinstance(r.get(f), str):
+                raise UserError(f"record needs a string field {f!r}", f"{d.path}:{r.get('__line__', i + 1)}")
+        examples.append(encode_example(tokenizer, r[d.prompt_field], r[d.response_field], d.max_length, chat))
+    return examples
+
+
+@torch.no_grad()
+def held_out_loss(model, eval_set: list, collate) -> dict:
+    """Token-mean NLL and perplexity of ``model`` on the held-out examples (``{}`` when there are none)."""
+    if not eval_set:
+        return {}
+    total, tokens = 0.0, 0
+    device = next(model.parameters()).device
+    for s in range(0, len(eval_set), 32):
+        batch = {k: v.to(device) for k, v in collate(eval_set[s:s + 32]).items()}
+        loss, n = lm_loss(model, batch)
+        total, tokens = total + float(loss) * n, tokens + n
+    nll = total / max(1, tokens)
+    return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 50.0))}
+
+
 def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> dict:
     """Fine-tune ``cfg.model`` on the demonstrations; returns a summary (also in ``summary.json``)."""
     from rich.console import Console
@@ -221,18 +253,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     tokenizer.padding_side = "right"
-    records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
-    if not records:
-        raise UserError("the dataset is empty", cfg.data.path)
-    chat = use_chat_template(tokenizer, cfg.data.chat_template)
-    examples = []
-    for i, r in enumerate(records):
-        where = f"{cfg.data.path}:{r.get('__line__', i + 1)}"
-        for f in (cfg.data.prompt_field, cfg.data.response_field):
-            if not isinstance(r.get(f), str):
-                raise UserError(f"record needs a string field {f!r}", where)
-        examples.append(encode_example(tokenizer, r[cfg.data.prompt_field], r[cfg.data.response_field],
-                                       cfg.data.max_length, chat))
+    examples = encode_examples(cfg.data, tokenizer, records)
     train_set, eval_set = split_records(examples, cfg.data.eval_fraction, cfg.train.seed)
 
     model = load_causal_lm(cfg.model.name_or_path, dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
@@ -245,19 +266,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
         ids, mask = right_padded([r[0] for r in rows], tokenizer.pad_token_id)
         return {"input_ids": ids, "attention_mask": mask, "labels": pad_right([r[1] for r in rows], IGNORE)}
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        if not eval_set:
-            return {}
-        total, tokens = 0.0, 0
-        device = next(model.parameters()).device
-        for s in range(0, len(eval_set), 32):
-            batch = {k: v.to(device) for k, v in collate(eval_set[s:s + 32]).items()}
-            loss, n = lm_loss(model, batch)
-            total, tokens = total + float(loss) * n, tokens + n
-        nll = total / max(1, tokens)
-        return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 50.0))}
-
+    evaluate = functools.partial(held_out_loss, model, eval_set, collate)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").write_text("")
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
