@@ -44,13 +44,28 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_moments(x: Tensor, mask: Tensor, reduce=None, unbiased: bool = True) -> tuple[Tensor, Tensor]:
+    """Mean and variance of ``x`` over the masked positions, from the sums ``n``, ``sum x`` and
+    ``sum (x - m)^2``; ``reduce`` (a sum over processes, or None) makes them moments of every process's
+    positions together, as if the batch were on one process. Bessel-corrected unless ``unbiased`` is False."""
+    reduce = reduce or (lambda t: t)
+    m = mask.to(x.dtype)
+    n_and_sum = reduce(torch.stack([m.sum(), masked_sum(x, m)]).double())
+    n = n_and_sum[0]
+    mean = n_and_sum[1] / n.clamp(min=1.0)
+    squares = reduce(masked_sum((x.double() - mean) ** 2, m.double()))
+    var = squares / (n - 1 if unbiased else n).clamp(min=1.0)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, reduce=None) -> Tensor:
     """Normalise ``x`` to unit variance over the masked positions; zero mean too unless ``shift_mean`` is False.
+    ``reduce``: see :func:`masked_moments` (whitening over the global batch on several processes).
 
     Positions outside the mask are returned as 0 so that padding never leaks into a later sum.
     """
     m = mask.to(x.dtype)
-    mean, var = masked_mean(x, m), masked_var(x, m)
+    mean, var = masked_moments(x, m, reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -196,18 +211,28 @@ class ValueStats(NamedTuple):
     clipfrac: Tensor  # fraction of tokens where the clipped value branch was taken
 
 
+def token_mean(x: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tensor:
+    """``sum(x * mask) / n_tokens``: the mean over the real tokens when ``n_tokens`` is None; a caller that
+    splits a minibatch into pieces (microbatches, processes) passes the share of the minibatch's token count
+    that makes the pieces' gradients add up to the minibatch's token mean."""
+    if n_tokens is None:
+        return masked_mean(x, mask)
+    return masked_sum(x, mask.to(x.dtype)) / max(n_tokens, 1e-8)
+
+
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float,
+    n_tokens: float | None = None,
 ) -> tuple[Tensor, PolicyStats]:
     """Clipped surrogate objective, negated for minimisation:
     ``L = -E[min(r A, clip(r, 1 - eps, 1 + eps) A)]`` with ``r = exp(logprobs - old_logprobs)``,
-    averaged over the real tokens of the minibatch.
+    averaged over the real tokens of the minibatch (``n_tokens``: see :func:`token_mean`).
     """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
     with torch.no_grad():
         stats = PolicyStats(
             clipfrac=masked_mean((clipped > unclipped).float(), mask),
@@ -218,13 +243,15 @@ def policy_loss(
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range: float
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, clip_range: float,
+    n_tokens: float | None = None,
 ) -> tuple[Tensor, ValueStats]:
-    """Clipped value loss: ``0.5 * E[max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)]``."""
+    """Clipped value loss: ``0.5 * E[max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)]``
+    (``n_tokens``: see :func:`token_mean`)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_err = (values - returns) ** 2
     clipped_err = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    loss = 0.5 * token_mean(torch.maximum(unclipped_err, clipped_err), mask, n_tokens)
     with torch.no_grad():
         stats = ValueStats(clipfrac=masked_mean((clipped_err > unclipped_err).float(), mask))
     return loss, stats

@@ -89,10 +89,11 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 def save(root: Path, iteration: int, *, model_state: dict, optimizer_state: dict, scheduler_state: dict,
-         trainer_state: dict, rng: dict, config: dict, version: str, keep: int,
+         trainer_state: dict, rng: dict, config: dict, version: str, keep: int, process_rngs: list[dict] = (),
          write_hook: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint ``iteration`` atomically and keep only the newest ``keep``. A failure (disk full, ...)
-    removes the partial directory and raises :class:`UserError`; older checkpoints stay valid."""
+    """Write checkpoint ``iteration`` atomically and keep only the newest ``keep``. ``rng`` is the RNG state of
+    process 0 (``rng.pt``), ``process_rngs`` those of processes 1, 2, ... (``rng-process1.pt``, ...). A failure
+    (disk full, ...) removes the partial directory and raises :class:`UserError`; older checkpoints stay valid."""
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,8 @@ def save(root: Path, iteration: int, *, model_state: dict, optimizer_state: dict
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         torch.save(rng, tmp / "rng.pt")
+        for rank, state in enumerate(process_rngs, start=1):
+            torch.save(state, tmp / f"rng-process{rank}.pt")
         _write_json(tmp / "state.json", trainer_state)
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         if write_hook is not None:
@@ -227,10 +230,17 @@ def find_resume(out: Path, current_config: dict, warn: Callable[[str], None]) ->
     return found
 
 
+def processes(path: Path) -> int:
+    """How many processes wrote the checkpoint (one RNG file each)."""
+    return 1 + len(list(path.glob("rng-process*.pt")))
+
+
 def restore(found: Checkpoint, model: torch.nn.Module, optimizer, scheduler, trainer_state, generator,
-            metrics_path: Path) -> list[dict]:
+            metrics_path: Path, *, rank: int = 0, world: int = 1, warn=print) -> list[dict]:
     """Load a checkpoint into the live objects (the model's trainable parameters, optimiser, scheduler, the
-    trainer's state object, RNGs); cut ``metrics_path`` back to the checkpoint's iteration and return its rows."""
+    trainer's state object, this process's RNGs); cut ``metrics_path`` back to the checkpoint's iteration
+    (process 0 only) and return its rows. A run resumed on another number of processes than wrote the
+    checkpoint goes on, but not exactly as it would have (a warning says so)."""
     from .tracking import read_metrics
 
     data = load(found.path)
@@ -245,11 +255,20 @@ def restore(found: Checkpoint, model: torch.nn.Module, optimizer, scheduler, tra
     optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     trainer_state.load_state_dict(data["state"])
-    set_rng_state(data["rng"], generator)
+    written_by = processes(found.path)
+    if written_by != world and rank == 0:
+        warn(f"warning: {found.path} was written by {written_by} process(es) and this run has {world}: it goes on "
+             "from there, but not exactly as an uninterrupted run would (the batch splits and samples differ)")
+    own = found.path / f"rng-process{rank}.pt"
+    if rank == 0:
+        set_rng_state(data["rng"], generator)
+    elif own.exists():
+        set_rng_state(torch.load(own, weights_only=True), generator)
     rows = []
     if metrics_path.exists():
         rows = [r for r in read_metrics(metrics_path) if r.get("iteration", 0) <= trainer_state.iteration]
-        tmp = metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        tmp.replace(metrics_path)
+        if rank == 0:
+            tmp = metrics_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            tmp.replace(metrics_path)
     return rows

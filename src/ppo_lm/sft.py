@@ -23,6 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
+from .distributed import use_cpu
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -163,7 +164,7 @@ def fit(model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    accelerator = Accelerator(cpu=run.cpu, mixed_precision=run.mixed_precision,
+    accelerator = Accelerator(cpu=use_cpu(run.cpu), mixed_precision=run.mixed_precision,
                               gradient_accumulation_steps=optim.gradient_accumulation_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)

@@ -27,6 +27,7 @@ import yaml
 from torch import Tensor
 
 from . import algo
+from . import distributed as dist
 from . import checkpoint as ckpt
 from .config import Config
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
@@ -82,26 +83,41 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ step 2+3
 
 
-def score(rollout: Rollout, reward_fn: WeightedSum, state: TrainState, cfg: Config) -> tuple[Tensor, Tensor]:
-    """Step 2: the reward sources' summed score of each completion ``[B]`` (raw), and the same after the
-    reward section's shaping (missing-EOS score, normalisation, clipping)."""
-    raw = reward_fn(rollout.prompts, rollout.completions, rollout.fields).to(rollout.values.device)
-    shaped = shape_scores(raw, rollout.ended_with_eos, missing_eos_penalty=cfg.rollout.missing_eos_penalty,
-                          normalize=cfg.reward.normalize, clip=cfg.reward.clip, stats=state.reward_stats)
-    return raw, shaped
+def score(rollout: Rollout, reward_fn: WeightedSum, accelerator) -> Tensor:
+    """Step 2a: the reward sources' summed score of each completion ``[B]`` (raw). A reward that fails on one
+    process fails the step on all of them (each would otherwise wait for the others)."""
+    try:
+        raw, failure = reward_fn(rollout.prompts, rollout.completions, rollout.fields).to(rollout.values.device), None
+    except RewardError as e:
+        raw, failure = None, e
+    if dist.any_process(accelerator, failure is not None):
+        raise failure or RewardError("failed on another process (its error is in that process's output)", "reward")
+    return raw
 
 
-def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, ppo) -> ScoredRollout:
+def shape(rollout: Rollout, raw: Tensor, state: TrainState, cfg: Config, accelerator) -> Tensor:
+    """Step 2b: the reward section's shaping (missing-EOS score, normalisation, clipping) of the global batch's
+    scores, so that the running statistics are those of every process's scores; returns this process's part."""
+    everyone = dist.gather_rows(accelerator, raw)
+    shaped = shape_scores(everyone, dist.gather_rows(accelerator, rollout.ended_with_eos),
+                          missing_eos_penalty=cfg.rollout.missing_eos_penalty, normalize=cfg.reward.normalize,
+                          clip=cfg.reward.clip, stats=state.reward_stats)
+    n = raw.shape[0]
+    return shaped[accelerator.process_index * n:(accelerator.process_index + 1) * n]
+
+
+def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, ppo, reduce=None) -> ScoredRollout:
     """Step 3: per-token reward = ``-kl_coef * KL`` on every response token plus the score at the last one, then
-    GAE advantages and returns (``ppo``: the config's PPO section)."""
+    GAE advantages and returns (``ppo``: the config's PPO section). ``reduce`` sums over processes, so that
+    whitening uses the moments of the global batch (None on one process)."""
     mask = rollout.response_mask
     kl = algo.KL_ESTIMATORS[ppo.kl.estimator](rollout.logprobs, rollout.ref_logprobs) * mask
     rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
     if ppo.whiten_rewards:
-        rewards = algo.masked_whiten(rewards, mask, shift_mean=False)
+        rewards = algo.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
     adv, returns = algo.gae(rewards, rollout.values, mask, ppo.gamma, ppo.gae_lambda)
     if ppo.whiten_advantages:
-        adv = algo.masked_whiten(adv, mask)
+        adv = algo.masked_whiten(adv, mask, reduce=reduce)
     return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards, advantages=adv,
                          returns=returns)
 
@@ -124,12 +140,13 @@ def minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
                 returns=scored.returns[idx, :last])
 
 
-def _first_nonfinite(**quantities: torch.Tensor) -> str | None:
-    """Name of the first quantity (in the order given, i.e. the order they are computed) with a NaN/inf."""
-    for name, value in quantities.items():
-        if value is not None and not torch.isfinite(value).all():
-            return name
-    return None
+def _first_nonfinite(accelerator, **quantities: torch.Tensor) -> str | None:
+    """Name of the first quantity (in the order given, i.e. the order they are computed) with a NaN/inf on
+    any process; every process gets the same answer, so that all skip the update together."""
+    flags = torch.tensor([float(v is not None and not bool(torch.isfinite(v).all())) for v in quantities.values()],
+                         device=accelerator.device)
+    flags = dist.global_sum(accelerator, flags)
+    return next((name for name, f in zip(quantities, flags.tolist()) if f > 0), None)
 
 
 def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
@@ -140,6 +157,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
     updates in a row raise :class:`TrainingDiverged` naming the quantity that went non-finite first.
     """
     ppo = cfg.ppo
+    pieces = accelerator.num_processes * ppo.gradient_accumulation_steps  # the minibatch's share per backward
     params = trainable_parameters(policy)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac",
                                                       "value_clipfrac", "approx_kl", "ratio", "grad_norm")}
@@ -149,6 +167,9 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
         epoch_kl = []
         order = torch.randperm(n, generator=generator).to(scored.rollout.response_ids.device)
         for mb in order.split(cfg.minibatch_size):
+            # every piece's loss is its token sum over the global minibatch's token count (x pieces, since DDP
+            # and gradient accumulation average the pieces): the gradient of the minibatch's token mean
+            n_tokens = float(dist.global_sum(accelerator, scored.rollout.response_mask[mb].sum().float())) / pieces
             for micro in mb.split(cfg.microbatch_size):
                 b = minibatch(scored, micro)
                 with accelerator.accumulate(policy), accelerator.autocast(), \
@@ -156,16 +177,17 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                     logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
                     logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
                     pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
-                                                   clip_range=ppo.clip_range)
+                                                   clip_range=ppo.clip_range, n_tokens=n_tokens)
                     vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], b["response_mask"],
-                                                  clip_range=ppo.clip_range_value)
+                                                  clip_range=ppo.clip_range_value, n_tokens=n_tokens)
                     loss = pg_loss + ppo.vf_coef * vf_loss
                     if ppo.ent_coef > 0:
-                        entropy = algo.masked_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature),
-                                                   b["response_mask"])
+                        entropy = algo.token_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature),
+                                                  b["response_mask"], n_tokens)
                         loss = loss - ppo.ent_coef * entropy
-                    bad = _first_nonfinite(logprobs=logprobs * b["response_mask"], values=values * b["response_mask"],
-                                           advantages=b["advantages"], policy_loss=pg_loss, value_loss=vf_loss)
+                    bad = _first_nonfinite(accelerator, logprobs=logprobs * b["response_mask"],
+                                           values=values * b["response_mask"], advantages=b["advantages"],
+                                           policy_loss=pg_loss, value_loss=vf_loss)
                     if bad is None:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
@@ -178,16 +200,18 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                         continue
                     state.nonfinite_streak, state.first_nonfinite = 0, None
                     optimizer.step()
-                    scheduler.step()
+                    if accelerator.sync_gradients:  # one schedule step per optimiser step, on any number of processes
+                        scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
                                    ("clipfrac", pg.clipfrac), ("value_clipfrac", vf.clipfrac),
                                    ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean)):
                     stats[key].append(float(value.detach()))
                 epoch_kl.append(float(pg.approx_kl))
-        if ppo.early_stop_kl is not None and epoch_kl and sum(epoch_kl) / len(epoch_kl) > ppo.early_stop_kl:
+        epoch_kl = dist.global_mean(accelerator, sum(epoch_kl) / len(epoch_kl)) if epoch_kl else None
+        if ppo.early_stop_kl is not None and epoch_kl is not None and epoch_kl > ppo.early_stop_kl:
             break  # early stop: the policy has moved far enough from the one that sampled the data
-    out = {k: (sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
+    out = {k: dist.global_mean(accelerator, sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["epochs_run"] = epoch + 1
     return out
 
@@ -307,11 +331,12 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
         while state.iteration < cfg.train.iterations:
             bar(iteration(run))
             every = cfg.train.checkpoint_every
-            if stop.requested or (every and state.iteration % every == 0):
+            stopping = dist.any_process(run.accelerator, bool(stop.requested))  # a signal to one stops all
+            if stopping or (every and state.iteration % every == 0):
                 run.checkpoint = save_checkpoint(run) or run.checkpoint
-            if stop.requested and state.iteration < cfg.train.iterations:
+            if stopping and state.iteration < cfg.train.iterations:
                 interrupted = True
-                run.warn(f"stopped by {stop.requested} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
+                run.warn(f"stopped by {stop.requested or 'a signal to another process'} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
                 break
     return finish(run, interrupted)
 
@@ -328,15 +353,17 @@ def iteration(run: Run) -> dict:
                           device=acc.device, forward_batch_size=cfg.minibatch_size, autocast=acc.autocast, timer=timer)
     with timer("score"):  # 2. score, 3. advantages
         try:
-            raw, scores = score(rollout, run.reward, state, cfg)
+            raw = score(rollout, run.reward, acc)
         except RewardError as e:
             raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
-        scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo)
+        scores = shape(rollout, raw, state, cfg, acc)
+        scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo, reduce=dist.summer(acc))
     with timer("train"):  # 4. update
         stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
     state.samples_seen += len(indices) * acc.num_processes
-    metrics = iteration_metrics(scored, stats, state, timer.seconds, run.scheduler.get_last_lr()[0])
-    kl = response_kl(scored)
+    everyone = gather_scored(acc, scored)  # metrics and the KL controller see the global batch
+    metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0])
+    kl = response_kl(everyone)
     state.kl_controller.update(kl, len(indices) * acc.num_processes)
     run.log.log(metrics, step=state.iteration)  # 5. log
     run.history.append(metrics)
@@ -345,6 +372,24 @@ def iteration(run: Run) -> dict:
     if k and every and state.iteration % every == 0 and acc.is_main_process:
         print_samples(run.console, rollout.prompts, rollout.completions, scored.raw_scores.tolist(), k)
     return metrics
+
+
+def gather_scored(accelerator, scored: ScoredRollout) -> ScoredRollout:
+    """The scored rollout of every process together (rows in process order, per-token tensors padded to the
+    longest response); the same object on one process. For metrics: the update uses this process's part."""
+    if accelerator.num_processes == 1:
+        return scored
+    rows = lambda x, pad=0, first=False: dist.gather_rows(accelerator, x, pad, first)  # noqa: E731
+    r = scored.rollout
+    rollout = replace(r, response_ids=rows(r.response_ids), response_mask=rows(r.response_mask, False),
+                      logprobs=rows(r.logprobs), ref_logprobs=rows(r.ref_logprobs), values=rows(r.values),
+                      entropy=rows(r.entropy), ended_with_eos=rows(r.ended_with_eos),
+                      prompt_ids=rows(r.prompt_ids, 0, True), prompt_mask=rows(r.prompt_mask, False, True),
+                      prompts=dist.gather_list(accelerator, r.prompts),
+                      completions=dist.gather_list(accelerator, r.completions), fields={})
+    return ScoredRollout(rollout=rollout, scores=rows(scored.scores), raw_scores=rows(scored.raw_scores),
+                         kl=rows(scored.kl), rewards=rows(scored.rewards), advantages=rows(scored.advantages),
+                         returns=rows(scored.returns))
 
 
 def response_kl(scored: ScoredRollout) -> float:
@@ -366,21 +411,28 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     seed_everything(cfg.train.seed)
     tokenizer, dataset = _prompts(cfg, records, warn)
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
-    accelerator = Accelerator(cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+    accelerator = Accelerator(cpu=dist.use_cpu(cfg.train.cpu), mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                               log_with=cfg.train.log_with or None, project_dir=str(out))
+    dist.check_launch(accelerator)
+    if not accelerator.is_main_process:
+        console.quiet = True  # one process speaks: errors still reach stderr by their exception
     reward = make_reward(cfg, reward_fn, accelerator.device)
     policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
+    seed = dist.process_seed(cfg.train.seed, accelerator.process_index)
+    if seed != cfg.train.seed:  # the models start alike on every process; from here each samples its own stream
+        seed_everything(seed)
     model: PolicyWithValue = accelerator.unwrap_model(policy)
     kl = cfg.ppo.kl
     kl_ctl = (algo.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
               else algo.FixedKLController(kl.coef))
     state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
                        kl_controller=kl_ctl)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
+    generator = torch.Generator().manual_seed(seed)
     metrics_path, history = out / "metrics.jsonl", []
     if resume_from is not None:
-        history = ckpt.restore(resume_from, model, optimizer, scheduler, state, generator, metrics_path)
+        history = ckpt.restore(resume_from, model, optimizer, scheduler, state, generator, metrics_path,
+                               rank=accelerator.process_index, world=accelerator.num_processes, warn=warn)
         console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -424,7 +476,8 @@ def _models(cfg: Config, accelerator, warn):
     total_steps = cfg.train.iterations * cfg.ppo.epochs * cfg.ppo.num_minibatches
     scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
                               num_training_steps=total_steps)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    # the schedule stays unprepared: accelerate would step it once per process at each optimiser step
+    policy, optimizer = accelerator.prepare(policy, optimizer)
     reference.to(accelerator.device)
     return policy, reference, optimizer, scheduler
 
@@ -434,12 +487,13 @@ def save_checkpoint(run: Run) -> Path | None:
     from . import __version__
 
     run.accelerator.wait_for_everyone()
+    rngs = dist.gather_list(run.accelerator, [ckpt.rng_state(run.generator)])  # each process resumes its own
     if not run.accelerator.is_main_process:
         return None
     return ckpt.save(run.out / "checkpoints", run.state.iteration,
                      model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
                      optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
-                     trainer_state=run.state.state_dict(), rng=ckpt.rng_state(run.generator),
+                     trainer_state=run.state.state_dict(), rng=rngs[0], process_rngs=rngs[1:],
                      config=run.cfg.to_dict(), version=__version__, keep=run.cfg.train.keep_checkpoints)
 
 

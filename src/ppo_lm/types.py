@@ -29,6 +29,15 @@ class Rollout:
     completions: list[str]  #: the B decoded responses, without special tokens
     fields: dict = field(default_factory=dict)  #: other dataset columns of the batch, each a list of B values
 
+    def rows(self, idx: list[int]) -> "Rollout":
+        """The rollout of the sequences ``idx`` (in that order)."""
+        from dataclasses import fields as dataclass_fields, replace
+
+        picked = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        picked = {k: (v[idx] if isinstance(v, Tensor) else [v[i] for i in idx] if isinstance(v, list)
+                      else {c: [vals[i] for i in idx] for c, vals in v.items()}) for k, v in picked.items()}
+        return replace(self, **picked)
+
     @property
     def input_ids(self) -> Tensor:
         """[B, P + T] prompt and response, the sequence the policy is trained on."""

@@ -1,0 +1,119 @@
+"""What a run on several processes must agree on, through accelerate's collectives.
+
+Each process holds ``rollout.batch_size`` prompts of the iteration's global batch. Every statistic that the
+single-process algorithm takes over the batch is taken over the global batch here (reward normalisation,
+whitening, the KL the controller steers, the logged metrics), and every decision is taken once from global
+values, so that all processes act together: a process that stopped or skipped alone would leave the others
+waiting in the next all-reduce forever. On one process each helper is the identity, and the run is the same
+as before this module existed.
+
+The helpers take the ``accelerate.Accelerator`` of the run. Nothing here starts processes or talks to the
+network: launching is ``torchrun`` or ``accelerate launch`` (docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .errors import UserError
+
+
+def world(accelerator) -> int:
+    return accelerator.num_processes
+
+
+def global_sum(accelerator, x: Tensor) -> Tensor:
+    """``x`` summed over the processes (every process gets the same result)."""
+    if world(accelerator) == 1:
+        return x
+    return accelerator.reduce(x.detach().clone(), reduction="sum")
+
+
+def global_mean(accelerator, value: float) -> float:
+    """The mean over the processes of one number per process."""
+    if world(accelerator) == 1:
+        return value
+    return float(global_sum(accelerator, torch.tensor([value], dtype=torch.float64, device=accelerator.device))) \
+        / world(accelerator)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any (a decision all of them take together)."""
+    if world(accelerator) == 1:
+        return flag
+    return bool(global_sum(accelerator, torch.tensor([float(flag)], device=accelerator.device)) > 0)
+
+
+def summer(accelerator):
+    """The reduction :mod:`ppo_lm.algo` takes for global moments: ``None`` on one process."""
+    return None if world(accelerator) == 1 else (lambda x: global_sum(accelerator, x))
+
+
+def gather_rows(accelerator, x: Tensor, pad_value=0, pad_first: bool = False) -> Tensor:
+    """Every process's rows of ``x`` (dim 0), in process order; a dim 1 of different lengths is padded with
+    ``pad_value`` at the end first (at the start with ``pad_first``, for left-padded prompts)."""
+    if world(accelerator) == 1:
+        return x
+    if x.dim() > 1:
+        x = accelerator.pad_across_processes(x.contiguous(), dim=1, pad_index=pad_value, pad_first=pad_first)
+    return accelerator.gather(x.contiguous())
+
+
+def gather_list(accelerator, items: list) -> list:
+    """Every process's items, in process order (any picklable objects)."""
+    if world(accelerator) == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(items)))
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``: the run's seed on rank 0 (a run on one process is unchanged), a different
+    stream derived from it on each other rank, so that no two processes sample with the same uniforms."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint32)[0])
+
+
+def use_cpu(asked: bool) -> bool:
+    """The ``cpu`` flag for ``Accelerator``: as configured, and always on a machine without an accelerator,
+    where accelerate groups several processes (gloo) only when told it runs on the CPU."""
+    return asked or not torch.accelerator.is_available()
+
+
+def asked_processes() -> tuple[int, str]:
+    """How many processes the launcher was asked for, and where that was said: torchrun's ``WORLD_SIZE``, or
+    the ``--num_processes`` of an ``accelerate launch`` parent (which on a machine without GPUs starts one
+    process whatever the number, and sets nothing that says so)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        return int(os.environ["WORLD_SIZE"]), f"WORLD_SIZE={os.environ['WORLD_SIZE']}"
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return 1, ""
+    by_script = "launch" in argv and any(os.path.basename(a) == "accelerate" for a in argv)
+    if not (by_script or "accelerate.commands.launch" in argv):
+        return 1, ""
+    for i, a in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            value = argv[i + 1] if a == flag and i + 1 < len(argv) else a[len(flag) + 1:] if a.startswith(flag + "=") else None
+            if value and value.isdigit():
+                return int(value), f"accelerate launch {flag} {value}"
+    return 1, ""
+
+
+def check_launch(accelerator) -> None:
+    """Refuse a launch whose processes are not one group: the launcher was asked for several processes while
+    accelerate runs this one alone, so it would train alone (or beside others, unconnected, on the same files)."""
+    asked, said = asked_processes()
+    if asked > 1 and world(accelerator) != asked:
+        raise UserError(f"{said} asked for {asked} processes, but accelerate runs {world(accelerator)} "
+                        f"({accelerator.distributed_type.value}): they would train unconnected. On CPU, launch "
+                        "with `torchrun --nproc_per_node N -m ppo_lm.cli ...`", "launch")

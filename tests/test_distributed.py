@@ -1,0 +1,165 @@
+"""Several processes under torchrun (a real gloo group on CPU): the same update as one process, one set of
+files, decisions taken together, exact resume after SIGKILL, and launches that would not connect refused.
+
+Every launch has a timeout, so that a hang fails the test instead of stalling the suite."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_cli import ENV
+from test_reliability import metrics, wait_for_rows, write_run
+
+HERE = Path(__file__).parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# one thread a process: two processes share the two cores of the test machine
+DIST_ENV = {**ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)])}
+LIMIT = 300  # seconds; a 2-process run of these sizes takes under a minute
+
+
+def torchrun(*args, cwd, timeout=LIMIT):
+    return subprocess.run([*TORCHRUN, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=DIST_ENV,
+                          timeout=timeout)
+
+
+def one_update(model_dir, out: Path, processes: int, *overrides) -> dict:
+    script = HERE / "dist" / "one_update.py"
+    cmd = [*TORCHRUN[:-1], "2", script] if processes == 2 else [sys.executable, script]
+    done = subprocess.run([*map(str, cmd), model_dir, out, *overrides], capture_output=True, text=True,
+                          env=DIST_ENV, timeout=LIMIT, cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return load_file(str(out))
+
+
+@pytest.mark.parametrize("overrides", [
+    (),  # whitening over the global batch, one minibatch, two epochs
+    ("ppo.gradient_accumulation_steps=2", "reward.normalize=true", "ppo.whiten_rewards=true"),
+], ids=["plain", "accumulation-normalize-whiten"])
+def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, overrides):
+    """2 processes x 8 prompts and 1 process x 16 prompts, the same sampled batch: the same weights after
+    the update, to float tolerance (sums are taken in another order; Adam turns a rounding difference in a
+    near-zero gradient into up to lr, so the bound is 1e-4 where a wrong global statistic moves weights ~3e-2)."""
+    one = one_update(tiny_model_dir, tmp_path / "one.safetensors", 1, *overrides)
+    two = one_update(tiny_model_dir, tmp_path / "two.safetensors", 2, *overrides)
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    moved = max((one[k] - start[k.removeprefix("lm.")]).abs().max().item() for k in one
+                if k.removeprefix("lm.") in start)
+    assert moved > 1e-3  # the update did something to compare
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4, msg=k)  # wrong: ~3e-2
+
+
+def reward_file(tmp_path: Path) -> Path:
+    """A reward that differs by process: 0 on rank 0, 1 on rank 1 (the global mean is 0.5)."""
+    path = tmp_path / "by_rank.py"
+    path.write_text("import os\n\ndef score(prompts, completions, **fields):\n"
+                    "    return [float(os.environ.get('RANK', '0'))] * len(completions)\n")
+    return path
+
+
+def python_reward(path: Path) -> list[str]:
+    """Overrides that make the run's reward the function ``score`` in ``path``."""
+    return ["reward.sources.0.type=python", f"reward.sources.0.function={path}:score", "reward.sources.0.words=[]"]
+
+
+def test_two_processes_write_one_set_of_files_with_global_metrics(tiny_model_dir, tmp_path):
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 2)
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *python_reward(reward_file(tmp_path)), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert [r["iteration"] for r in rows] == [1, 2]  # one row an iteration, not one a process
+    assert all(r["reward_mean"] == pytest.approx(0.5) for r in rows)  # both processes' scores
+    assert all(r["samples_seen"] == 16 * r["iteration"] for r in rows)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["ckpt-000001", "ckpt-000002"]
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-000002" / "rng-process1.pt").exists()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # a loadable HF model
+    assert done.stderr.count("resuming") == 0 and done.stdout.count("\n") < 5
+
+
+@pytest.mark.parametrize("overrides, outcome", [
+    (["ppo.epochs=4", "ppo.early_stop_kl=1e-6"], 0),
+    (["ppo.lr=3e-2", "ppo.kl.limit=1e-3", "ppo.kl.limit_action=stop"], 1),
+], ids=["early_stop_kl", "kl_limit"])
+def test_decisions_from_values_that_differ_by_process_are_taken_together(tiny_model_dir, tmp_path, overrides, outcome):
+    """Each process's own KL differs (its prompts do): the early stop and the KL limit act on the global value,
+    on both processes at once. Before, one process stopped and the other waited for it forever."""
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 3)
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *overrides, cwd=tmp_path)
+    assert done.returncode == outcome, done.stderr[-3000:]
+    if outcome:
+        assert "ppo.kl.limit" in done.stderr
+    else:
+        assert all(r["epochs_run"] < 4 for r in metrics(tmp_path / "run"))  # the early stop did act
+
+
+def test_a_reward_failing_on_one_process_stops_both(tiny_model_dir, tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text("import os\n\ndef score(prompts, completions, **fields):\n"
+                    "    bad = os.environ.get('RANK') == '1'\n"
+                    "    return [float('nan') if bad else 0.0] * len(completions)\n")
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 3)
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *python_reward(path), cwd=tmp_path)
+    assert done.returncode != 0
+    assert "non-finite score" in done.stderr and "failed on another process" in done.stderr
+
+
+def test_a_nonfinite_loss_on_one_process_is_skipped_by_both(tiny_model_dir, tmp_path):
+    """A huge finite reward on one process makes its loss non-finite: both processes skip each update together
+    and stop together with TrainingDiverged."""
+    path = tmp_path / "huge.py"
+    path.write_text("import os\n\ndef score(prompts, completions, **fields):\n"
+                    "    return [3e38 if os.environ.get('RANK') == '1' else 0.0] * len(completions)\n")
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 3)
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *python_reward(path), "ppo.whiten_advantages=false",
+                    "ppo.max_nonfinite_steps=3", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "3 updates in a row had a non-finite value" in done.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_sigkill_then_resume_equals_uninterrupted_run(tiny_model_dir, tmp_path):
+    iterations = 6
+    straight = torchrun("-m", "ppo_lm.cli", "train", write_run(tmp_path, tiny_model_dir, "straight", iterations),
+                        cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cfg = write_run(tmp_path, tiny_model_dir, "killed", iterations)
+    rng = random.Random()
+    at_rows, delay = rng.randint(1, 4), rng.uniform(0.0, 0.5)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "ppo_lm.cli", "train", str(cfg)], cwd=tmp_path, env=DIST_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_rows(tmp_path / "killed" / "metrics.jsonl", at_rows, proc, timeout=LIMIT)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, at once
+    proc.wait(timeout=30)
+    assert not (tmp_path / "killed" / "final").exists(), f"finished before the kill (rows={at_rows}, delay={delay})"
+    resumed = torchrun("-m", "ppo_lm.cli", "train", cfg, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "killed")
+    assert [r["iteration"] for r in b] == list(range(1, iterations + 1))
+    assert a == b, f"killed at {at_rows} rows + {delay:.2f}s"
+    wa = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "killed" / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_an_accelerate_launch_that_runs_one_process_is_refused(tiny_model_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process on a machine without GPUs."""
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 1)
+    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2",
+                           "-m", "ppo_lm.cli", "train", str(cfg)], capture_output=True, text=True, cwd=tmp_path,
+                          env=DIST_ENV, timeout=LIMIT)
+    assert done.returncode == 2 or "exit status 2" in done.stderr, done.stderr[-3000:]
+    assert "asked for 2 processes, but accelerate runs 1" in done.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
