@@ -163,3 +163,53 @@ def test_an_accelerate_launch_that_runs_one_process_is_refused(tiny_model_dir, t
     assert done.returncode == 2 or "exit status 2" in done.stderr, done.stderr[-3000:]
     assert "asked for 2 processes, but accelerate runs 1" in done.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_stage_data_is_shared_out_between_processes():
+    """10 examples in micro-batches of 4 on 2 processes: 2+2, 2+2, 1+1, all of them once; 9 examples: the last
+    micro-batch of 1 is filled with the first of the shuffle, so that both processes take 3 steps."""
+    from ppo_lm.sft import OptimConfig, micro_batches
+
+    optim = OptimConfig(batch_size=4, gradient_accumulation_steps=1)
+    for n, sizes in ((10, [2, 2, 1]), (9, [2, 2, 1])):
+        shares = [list(micro_batches(list(range(n)), optim, 0, list, rank, 2)(1)) for rank in (0, 1)]
+        assert [len(b) for b in shares[0]] == sizes and len(shares[1]) == 3
+        seen = [i for share in shares for batch in share for i in batch]
+        assert sorted(set(seen)) == list(range(n)) and len(seen) == n + n % 2
+        alone = [i for batch in micro_batches(list(range(n)), optim, 0, list)(1) for i in batch]
+        assert sorted(alone) == list(range(n))
+
+
+@pytest.mark.slow
+def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, tmp_path):
+    """SFT -> reward model -> PPO -> evaluation under torchrun: each stage trains on its share of the data and
+    only process 0 writes and prints."""
+    from test_stages import preference_records, reverse_records
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    demos, prefs = jsonl("demos.jsonl", reverse_records(32)), jsonl("prefs.jsonl", preference_records(32))
+    prompts = jsonl("prompts.jsonl", [{"prompt": r["prompt"]} for r in reverse_records(16, seed=5)])
+    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {demos}}}\n"
+                                       "optim: {epochs: 2, lr: 3.0e-3}\n")
+    (tmp_path / "rm.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prefs}}}\n"
+                                      "optim: {epochs: 2, lr: 3.0e-3}\n")
+    (tmp_path / "ppo.yaml").write_text(
+        f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prompts}}}\n"
+        "rollout: {batch_size: 4, max_new_tokens: 6}\nreward: {sources: [{type: keyword, words: [a]}]}\n"
+        "ppo: {lr: 1.0e-3, num_minibatches: 2}\ntrain: {iterations: 2, progress: false, log_samples: 0}\n")
+    (tmp_path / "pipe.yaml").write_text(f"output_dir: {tmp_path / 'p'}\nsft: {tmp_path / 'sft.yaml'}\n"
+                                        f"reward_model: {tmp_path / 'rm.yaml'}\nppo: {tmp_path / 'ppo.yaml'}\n"
+                                        "eval_limit: 8\n")
+    done = torchrun("-m", "ppo_lm.cli", "pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "p"
+    for stage in ("sft", "reward_model"):
+        rows = metrics(root / stage)
+        assert [r["epoch"] for r in rows] == [0, 1, 2]  # one row an epoch, not one a process
+        assert (root / stage / "final" / "config.json").exists()
+    assert [r["iteration"] for r in metrics(root / "ppo")] == [1, 2]
+    assert (root / "eval" / "compare.md").exists() and (root / "summary.json").exists()
+    assert done.stderr.count("[sft] supervised fine-tuning") == 1 and done.stderr.count("epoch 2:") == 2  # sft, rm

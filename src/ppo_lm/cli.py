@@ -75,6 +75,8 @@ def cmd_pipeline(args) -> int:
     if summary.get("ppo", {}).get("interrupted"):
         print(f"stopped; run the same command again to resume ({summary['ppo']['checkpoint']})", file=sys.stderr)
         return 0
+    if "eval" not in summary:  # another process than the first of several: the first evaluates and reports
+        return 0
     reward = summary["eval"]["reward_mean"]
     print(f"done: reward {reward['before']:+.4f} -> {reward['after']:+.4f}; report in {summary['report']}")
     return 0
@@ -280,6 +282,17 @@ def run_command(func: Callable, args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun, leave the process group as the command ends (torch warns about one left open)."""
+    if "torch" in sys.modules:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

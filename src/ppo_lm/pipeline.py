@@ -174,14 +174,21 @@ def run_stage(name: str, title: str, run_fn, cfg, root: Path, console, timed) ->
 def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from rich.console import Console
 
+    from accelerate import PartialState
+
     from . import evaluate, reward_model, sft
+    from .distributed import use_cpu
     from .tracking import read_metrics
     from .trainer import train
 
     console = console or Console(stderr=True, soft_wrap=True)
     p = load_pipeline_config(config_path, overrides)
-    if p.task:
+    process = PartialState(cpu=use_cpu(False))  # several processes under torchrun: one prepares, evaluates, writes
+    if not process.is_main_process:
+        console.quiet = True
+    if p.task and process.is_main_process:
         prepare_data(p, console)
+    process.wait_for_everyone()
     stages = plan(config_path, p)
     check_models(stages)
     root: Path = stages["root"]
@@ -215,6 +222,8 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     first, last = (rows[0], rows[-1]) if rows else ({}, {})
     summary["ppo"] = {"iterations": len(rows), "reward_first": first.get("reward_mean"),
                       "reward_last": last.get("reward_mean"), "kl_last": last.get("kl")}
+    if not process.is_main_process:  # the evaluation is one process's (it samples no training data)
+        return summary
     console.print(rf"\[eval] before/after on {stages['eval'].data.path}")
     result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
                               limit=p.eval_limit, greedy=p.eval_greedy,

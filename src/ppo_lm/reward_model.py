@@ -25,7 +25,8 @@ from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
 from .models import apply_lora, load_pretrained, load_tokenizer, save_merged
 from .rewards.model import ENCODING_KEY, encode_for_reward
-from .sft import OptimConfig, StageRunConfig, fit, micro_batches, split_records, validate_stage
+from .sft import (OptimConfig, StageRunConfig, fit, micro_batches, split_records, stage_accelerator, start_files,
+                  validate_stage)
 from .tracking import MetricsLog
 
 
@@ -116,6 +117,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)
+    accelerator = stage_accelerator(cfg.train, cfg.optim, console)
     seed_everything(cfg.train.seed)
     d = cfg.data
     kind = "classifier" if is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM
@@ -129,17 +131,20 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     model, chat = _load_model(cfg, config, tokenizer)
     collate, loss_fn = objective(d.mode, tokenizer, lambda p, c: encode_for_reward(tokenizer, p, c, d.max_length, chat))
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
+    main = start_files(accelerator, out)
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
-    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps, loss_fn, cfg.optim,
-               cfg.train, evaluate=lambda: held_out(model, eval_set, d.mode, collate, loss_fn),
-               log=MetricsLog(out / "metrics.jsonl"), console=console)
-    final = save_merged(model, tokenizer, out / "final")
+    rows = fit(accelerator, model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate,
+                                                 accelerator.process_index, accelerator.num_processes),
+               steps, loss_fn, cfg.optim, evaluate=lambda: held_out(model, eval_set, d.mode, collate, loss_fn),
+               log=MetricsLog(out / "metrics.jsonl", accelerator), console=console)
+    final = out / "final"
     summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
                "output": str(final)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        save_merged(model, tokenizer, final)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
     return summary
 
 

@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
-from .distributed import use_cpu
+from .distributed import global_mean, use_cpu
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -157,20 +157,33 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != IGNORE).sum())
 
 
-def fit(model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch: int, loss_fn, optim: OptimConfig,
-        run: StageRunConfig, *, evaluate: Callable[[], dict], log: MetricsLog, console) -> list[dict]:
-    """AdamW + schedule + gradient accumulation + clipping through accelerate; one metrics row per epoch (and
-    one before training), each with the held-out evaluation."""
+def stage_accelerator(run: StageRunConfig, optim: OptimConfig, console):
+    """The stage's ``Accelerator`` (made after the output folder is checked, before anything is written). On
+    several processes, only the main one prints and writes; the others' console is quiet."""
     from accelerate import Accelerator
-    from transformers import get_scheduler
+
+    from .distributed import check_launch
 
     accelerator = Accelerator(cpu=use_cpu(run.cpu), mixed_precision=run.mixed_precision,
                               gradient_accumulation_steps=optim.gradient_accumulation_steps)
+    check_launch(accelerator)
+    if not accelerator.is_main_process:
+        console.quiet = True
+    return accelerator
+
+
+def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch: int, loss_fn,
+        optim: OptimConfig, *, evaluate: Callable[[], dict], log: MetricsLog, console) -> list[dict]:
+    """AdamW + schedule + gradient accumulation + clipping through accelerate; one metrics row per epoch (and
+    one before training), each with the held-out evaluation. ``train_batches`` gives this process's share."""
+    from transformers import get_scheduler
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
     scheduler = get_scheduler(optim.lr_schedule, optimizer, num_warmup_steps=optim.warmup_steps,
                               num_training_steps=max(1, optim.epochs * n_steps_per_epoch))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the schedule stays unprepared: accelerate would step it once per process at each optimiser step
+    model, optimizer = accelerator.prepare(model, optimizer)
     rows = [{"epoch": 0, "train_loss": None, **evaluate(), "time_s": 0.0}]
     log.log(rows[0], step=0)
     console.print(f"before training: {json.dumps({k: v for k, v in rows[0].items() if v is not None})}")
@@ -185,11 +198,13 @@ def fit(model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch
                 if accelerator.sync_gradients and optim.max_grad_norm:
                     accelerator.clip_grad_norm_(params, optim.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
         model.eval()
-        row = {"epoch": epoch, "train_loss": sum(losses) / max(1, len(losses)), **evaluate(),
+        train_loss = global_mean(accelerator, sum(losses) / max(1, len(losses)))
+        row = {"epoch": epoch, "train_loss": train_loss, **evaluate(),
                "lr": scheduler.get_last_lr()[0], "time_s": time.perf_counter() - start}
         rows.append(row)
         log.log(row, step=epoch)
@@ -197,15 +212,21 @@ def fit(model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch
     return rows
 
 
-def micro_batches(examples: list, optim: OptimConfig, seed: int, collate) -> Callable[[int], Iterable[dict]]:
-    """A fresh seeded shuffle each epoch, cut into micro-batches of batch_size / gradient_accumulation_steps."""
+def micro_batches(examples: list, optim: OptimConfig, seed: int, collate, rank: int = 0,
+                  world: int = 1) -> Callable[[int], Iterable[dict]]:
+    """A fresh seeded shuffle each epoch (the same on every process), cut into micro-batches of
+    batch_size / gradient_accumulation_steps examples; process ``rank`` of ``world`` gets every world-th example
+    of each, so that the processes share the data and each sees as many batches (a last micro-batch with fewer
+    examples than processes is filled from the start of the shuffle)."""
     micro = optim.batch_size // optim.gradient_accumulation_steps
 
     def batches(epoch: int):
         order = list(range(len(examples)))
         random.Random(seed * 7919 + epoch).shuffle(order)
         for s in range(0, len(order), micro):
-            yield collate([examples[i] for i in order[s:s + micro]])
+            chunk = order[s:s + micro]
+            chunk += order[:max(0, world - len(chunk))]
+            yield collate([examples[i] for i in chunk[rank::world]])
     return batches
 
 
@@ -240,6 +261,15 @@ def held_out_loss(model, eval_set: list, collate) -> dict:
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 50.0))}
 
 
+def start_files(accelerator, out: Path) -> bool:
+    """The main process makes the output folder and an empty metrics.jsonl; returns whether this is it."""
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.jsonl").write_text("")
+    accelerator.wait_for_everyone()
+    return accelerator.is_main_process
+
+
 def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> dict:
     """Fine-tune ``cfg.model`` on the demonstrations; returns a summary (also in ``summary.json``)."""
     from rich.console import Console
@@ -248,6 +278,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
 
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)
+    accelerator = stage_accelerator(cfg.train, cfg.optim, console)
     seed_everything(cfg.train.seed)
     check_causal_lm(cfg.model.name_or_path, "model.name_or_path", trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
@@ -268,16 +299,18 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
         return {"input_ids": ids, "attention_mask": mask, "labels": pad_right([r[1] for r in rows], IGNORE)}
 
     evaluate = functools.partial(held_out_loss, model, eval_set, collate)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.jsonl").write_text("")
+    main = start_files(accelerator, out)
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
-    rows = fit(model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate), steps,
-               lambda m, b: lm_loss(m, b)[0], cfg.optim, cfg.train, evaluate=evaluate,
-               log=MetricsLog(out / "metrics.jsonl"), console=console)
+    rows = fit(accelerator, model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate,
+                                                 accelerator.process_index, accelerator.num_processes),
+               steps, lambda m, b: lm_loss(m, b)[0], cfg.optim, evaluate=evaluate,
+               log=MetricsLog(out / "metrics.jsonl", accelerator), console=console)
     tokenizer.padding_side = "left"  # the saved model is a policy: prompts are left-padded for generation
-    save_merged(model, tokenizer, out / "final")
     summary = {"train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_loss_before": rows[0].get("eval_loss"), "eval_loss_after": rows[-1].get("eval_loss"),
                "output": str(out / "final")}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if main:
+        save_merged(model, tokenizer, out / "final")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    accelerator.wait_for_everyone()
     return summary

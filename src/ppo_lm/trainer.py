@@ -505,7 +505,8 @@ def finish(run: Run, interrupted: bool) -> TrainResult:
             plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
         if run.cfg.train.save_final:
             save_policy(run.model, run.tokenizer, run.out / "final")
-    run.accelerator.end_training()
+    for tracker in run.accelerator.trackers:  # not end_training(): it ends the process group, which the
+        tracker.finish()                       # pipeline's later stages (and a caller's next run) still use
     return TrainResult(policy=run.model, tokenizer=run.tokenizer, metrics=run.history, output_dir=run.out,
                        interrupted=interrupted, checkpoint=run.checkpoint)
 
