@@ -213,3 +213,10 @@ def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, t
     assert [r["iteration"] for r in metrics(root / "ppo")] == [1, 2]
     assert (root / "eval" / "compare.md").exists() and (root / "summary.json").exists()
     assert done.stderr.count("[sft] supervised fine-tuning") == 1 and done.stderr.count("epoch 2:") == 2  # sft, rm
+
+
+def test_the_example_accelerate_config_is_one_accelerate_reads():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(HERE.parent / "examples" / "accelerate" / "ddp.yaml"))
+    assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes == 2 and cfg.mixed_precision == "no"

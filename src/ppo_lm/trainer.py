@@ -11,8 +11,9 @@
    gradient accumulation and clipping, learning-rate schedule (:func:`update`).
 5. **log** — one JSON line of metrics per iteration, trackers, progress display.
 
-Device placement, mixed precision and gradient accumulation go through ``accelerate``. Several processes are
-not tested yet (the statistics and decisions that must be global are the open multi-process issue).
+Device placement, mixed precision, gradient accumulation and several processes go through ``accelerate``; on
+several processes every statistic and decision above is taken over the global batch (:mod:`ppo_lm.distributed`,
+docs/scaling.md).
 """
 
 from __future__ import annotations
