@@ -67,6 +67,29 @@ def cmd_reward_model(args) -> int:
     return _run_stage(args, "reward-model", "accuracy")
 
 
+def cmd_plan(args) -> int:
+    import json
+
+    from .config import load_config
+
+    if args.gpus < 1 or args.gpu_memory <= 0:
+        raise UserError("needs --gpus >= 1 and --gpu-memory > 0 (GiB per device)", "--gpus" if args.gpus < 1 else "--gpu-memory")
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # the data is not needed; the models are
+    _quiet_libraries()                                                  # checked as their configs are read
+    from . import plan
+
+    result = plan.plan(cfg, args.gpus, args.gpu_memory, overhead_gib=args.overhead, prompt_tokens=args.prompt_tokens)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['model']}: {result['policy_params'] / 1e6:.1f}M parameters"
+          + (f", {result['lora_params'] / 1e6:.2f}M in LoRA adapters" if result["lora_params"] else "")
+          + f"; {args.gpus} device(s) of {args.gpu_memory:g} GiB; estimates per device, weights not read\n")
+    print(plan.table(result))
+    print(f"\nrecommendation: {result['advice']}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     _quiet_libraries()
     from . import pipeline
@@ -205,6 +228,16 @@ def _evaluation_commands(sub) -> None:
     e.add_argument("--output-dir", default="runs/eval")
     e.add_argument("--greedy", action="store_true", help="decode greedily instead of sampling")
     e.set_defaults(func=cmd_eval)
+
+    pn = sub.add_parser("plan", help="memory per device for a config's models and a recommended strategy")
+    pn.add_argument("config")
+    pn.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    pn.add_argument("--gpus", type=int, default=1, help="devices to train on (default 1)")
+    pn.add_argument("--gpu-memory", type=float, default=80.0, help="memory per device in GiB (default 80)")
+    pn.add_argument("--overhead", type=float, default=1.0, help="GiB per device for the runtime (default 1.0)")
+    pn.add_argument("--prompt-tokens", type=int, help="prompt length to plan for (default: data.max_prompt_tokens)")
+    pn.add_argument("--json", action="store_true", help="print the estimates as one JSON object")
+    pn.set_defaults(func=cmd_plan)
 
     pl = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval, skipping stages already done")
     pl.add_argument("config", help="pipeline YAML naming a config per stage")

@@ -171,12 +171,28 @@ def run_stage(name: str, title: str, run_fn, cfg, root: Path, console, timed) ->
     return json.loads(summary.read_text())
 
 
+def compare_stage(p: PipelineConfig, stages: dict, console) -> dict:
+    """The starting model against the PPO policy on the eval data; writes ``eval/compare.*`` and returns the
+    summary's ``eval`` and ``report`` entries."""
+    from . import evaluate
+
+    root = stages["root"]
+    console.print(rf"\[eval] before/after on {stages['eval'].data.path}")
+    result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
+                              limit=p.eval_limit, greedy=p.eval_greedy,
+                              notice=lambda m: console.print(f"warning: {m}"))
+    evaluate.write(result, root / "eval", "compare")
+    console.print(evaluate.markdown_table(result), markup=False, highlight=False)
+    return {"eval": {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]},
+            "report": str(root / "eval" / "compare.md")}
+
+
 def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     from rich.console import Console
 
     from accelerate import PartialState
 
-    from . import evaluate, reward_model, sft
+    from . import reward_model, sft
     from .distributed import use_cpu
     from .tracking import read_metrics
     from .trainer import train
@@ -224,14 +240,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
                       "reward_last": last.get("reward_mean"), "kl_last": last.get("kl")}
     if not process.is_main_process:  # the evaluation is one process's (it samples no training data)
         return summary
-    console.print(rf"\[eval] before/after on {stages['eval'].data.path}")
-    result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
-                              limit=p.eval_limit, greedy=p.eval_greedy,
-                              notice=lambda m: console.print(f"warning: {m}"))
-    evaluate.write(result, root / "eval", "compare")
+    summary.update(compare_stage(p, stages, console))
     timed("eval")
-    console.print(evaluate.markdown_table(result), markup=False, highlight=False)
-    summary["eval"] = {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]}
-    summary["report"] = str(root / "eval" / "compare.md")
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -150,6 +150,27 @@ def _first_nonfinite(accelerator, **quantities: torch.Tensor) -> str | None:
     return next((name for name, f in zip(quantities, flags.tolist()) if f > 0), None)
 
 
+def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float):
+    """The loss of one micro-batch ``b`` (:func:`minibatch`): clipped surrogate + ``vf_coef`` x clipped value
+    loss (- ``ent_coef`` x entropy), each a token sum over ``n_tokens``. Returns the loss, the policy and value
+    losses with their statistics, and the first quantity that is not finite on any process (or None)."""
+    ppo = cfg.ppo
+    logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
+    logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
+    pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
+                                   clip_range=ppo.clip_range, n_tokens=n_tokens)
+    vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], b["response_mask"],
+                                  clip_range=ppo.clip_range_value, n_tokens=n_tokens)
+    loss = pg_loss + ppo.vf_coef * vf_loss
+    if ppo.ent_coef > 0:
+        entropy = algo.token_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature), b["response_mask"],
+                                  n_tokens)
+        loss = loss - ppo.ent_coef * entropy
+    bad = _first_nonfinite(accelerator, logprobs=logprobs * b["response_mask"], values=values * b["response_mask"],
+                           advantages=b["advantages"], policy_loss=pg_loss, value_loss=vf_loss)
+    return loss, (pg_loss, pg), (vf_loss, vf), bad
+
+
 def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
            generator: torch.Generator) -> dict:
     """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout.
@@ -175,20 +196,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                 b = minibatch(scored, micro)
                 with accelerator.accumulate(policy), accelerator.autocast(), \
                         attention_kernel(accelerator.device, accelerator.mixed_precision, b["input_ids"].shape[1]):
-                    logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
-                    logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
-                    pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
-                                                   clip_range=ppo.clip_range, n_tokens=n_tokens)
-                    vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], b["response_mask"],
-                                                  clip_range=ppo.clip_range_value, n_tokens=n_tokens)
-                    loss = pg_loss + ppo.vf_coef * vf_loss
-                    if ppo.ent_coef > 0:
-                        entropy = algo.token_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature),
-                                                  b["response_mask"], n_tokens)
-                        loss = loss - ppo.ent_coef * entropy
-                    bad = _first_nonfinite(accelerator, logprobs=logprobs * b["response_mask"],
-                                           values=values * b["response_mask"], advantages=b["advantages"],
-                                           policy_loss=pg_loss, value_loss=vf_loss)
+                    loss, (pg_loss, pg), (vf_loss, vf), bad = ppo_loss(policy, b, cfg, accelerator, n_tokens)
                     if bad is None:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:

@@ -1,0 +1,71 @@
+"""ppo-lm plan: the memory formulas by hand, the parameter count from the config, the command."""
+
+import json
+
+import pytest
+
+from ppo_lm import plan
+from ppo_lm.plan import Shape
+
+from conftest import tiny_config
+from test_cli import ppo_lm, write_config
+
+
+def test_roles_activations_and_sharding_by_hand(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, data={"max_prompt_tokens": 8})  # micro-batch 8, 8 + 8 tokens
+    m = Shape(params=1000, layers=2, hidden=8, vocab=10, kv_width=8)
+    parts = plan.roles(cfg, m, None, [])
+    assert parts == {"policy": {"weights": 4000, "grads": 4000, "optim": 8000}, "reference": {"frozen": 4000}}
+    acts = plan.activations(cfg, m)
+    # 128 tokens x 2 layers x 34*8*4/2 bytes + 3 x 8 rows x 8 tokens x 10 logits x 4 bytes
+    assert acts["training"] == 128 * 2 * 544 + 7680
+    # KV cache: 16 rows x 16 tokens x 2 layers x (k, v) x 8 x 4 bytes, and one step's logits
+    assert acts["generation"] == 32768 + 640
+    on = lambda strategy: plan.per_device(parts, acts, strategy, 2)  # noqa: E731
+    assert on("ddp") == {"policy": 16000, "reference": 4000, "activations": 139264 + 7680}
+    assert on("zero2")["policy"] == 4000 + 2000 + 4000 and on("zero2")["reference"] == 4000
+    assert on("zero3")["policy"] == 8000 and on("zero3")["reference"] == 2000
+    assert on("zero3-offload")["policy"] == 2000 and on("zero3-offload")["reference"] == 2000
+
+
+def test_lora_bf16_and_checkpointing_change_what_is_counted(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, data={"max_prompt_tokens": 8},
+                      model={"dtype": "bfloat16", "gradient_checkpointing": True,
+                             "lora": {"enabled": True, "r": 4, "target_modules": ["c_attn"]}})
+    m = Shape(params=1000, layers=2, hidden=8, vocab=10, kv_width=8, lora_params=64)
+    parts = plan.roles(cfg, m, None, [])
+    assert parts == {"policy": {"weights": 2128, "grads": 128, "optim": 256}, "reference": {"frozen": 0}}
+    # checkpointing: the layer inputs (2 layers x 8 x 2 bytes a token) and one whole layer (34*8*2/2)
+    assert plan.activations(cfg, m)["training"] == 128 * (2 * 8 * 2 + 272) + 7680
+
+
+def test_lora_parameters_of_gpt2_attention():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from ppo_lm.config import LoraConfig
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=20))
+    lora = LoraConfig(enabled=True, r=4, target_modules=["c_attn"])
+    assert plan.lora_parameters(model, lora) == 3 * 4 * (16 + 48)  # r x (in + out) for each c_attn
+
+
+def test_plan_command(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = write_config(tmp_path, tiny_model_dir)
+    done = ppo_lm("plan", cfg, "--gpus", "2", "--gpu-memory", "16", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert result["policy_params"] == sum(p.numel() for p in model.parameters())
+    assert result["recommendation"] == "ddp" and set(result["estimates"]) == set(plan.STRATEGIES)
+    assert not result["estimates"]["zero2"]["runs_in_ppo_lm"]
+    small = ppo_lm("plan", cfg, "--gpu-memory", "0.5", cwd=tmp_path)
+    assert small.returncode == 0 and "recommendation: nothing ppo-lm runs today fits in 0.5 GiB" in small.stdout
+    bad = ppo_lm("plan", cfg, "--gpus", "0", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: --gpus: needs --gpus >= 1 and --gpu-memory > 0 "
+                                                          "(GiB per device)")
+    missing = ppo_lm("plan", cfg, "model.name_or_path=./nowhere", cwd=tmp_path)
+    assert missing.returncode == 2 and "model.name_or_path" in missing.stderr
