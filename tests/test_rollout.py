@@ -117,15 +117,18 @@ def test_the_models_own_logit_settings_do_not_reach_sampling(tiny_model_dir):
 
 def test_first_update_step_sees_ratio_one(tiny_model_dir, tmp_path):
     """The trimmed minibatch forward of the update reproduces the rollout's logprobs: the ratio starts at 1."""
-    from ppo_lm.trainer import TrainState, advantages, minibatch, score
+    from accelerate import Accelerator
+
+    from ppo_lm.trainer import TrainState, advantages, minibatch, score, shape
     from ppo_lm.data import PromptSampler
     from ppo_lm.rewards import build_reward
 
     r, policy, _, _ = _rollout(tiny_model_dir, tmp_path)
     cfg = tiny_config(tiny_model_dir, tmp_path)
     state = TrainState(iteration=1, sampler=PromptSampler(8, seed=0), kl_controller=algo.FixedKLController(0.1))
-    raw, scores = score(r, build_reward(cfg.reward), state, cfg)
-    scored = advantages(r, raw, scores, state.kl_controller.value, cfg.ppo)
+    acc = Accelerator(cpu=True)
+    raw = score(r, build_reward(cfg.reward), acc)
+    scored = advantages(r, raw, shape(r, raw, state, cfg, acc), state.kl_controller.value, cfg.ppo)
     b = minibatch(scored, torch.tensor([1, 5, 6]))
     with torch.no_grad():
         logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])

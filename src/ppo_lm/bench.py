@@ -114,9 +114,23 @@ def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_
 
 
 def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 1.0, n: int = 2048) -> float:
-    """Achieved FLOP/s of a square matmul in ``dtype``: the machine's practical peak for that dtype."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    """Achieved FLOP/s of a square matmul in ``dtype``: the machine's practical peak for that dtype. The size
+    grows from 256 towards ``n`` while one matmul of the next size would take at most ``seconds / 2``: where a
+    dtype has no fast kernel (bf16 without AVX512 takes about 13 s for one 2048 matmul), the measurement still
+    takes about ``seconds``."""
+    size, took = 256, 0.0
+    while True:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        start = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        took = time.perf_counter() - start
+        if size * 2 > n or took * 8 > seconds / 2:
+            break
+        size *= 2
+    n = size
     for _ in range(3):
         a @ b
     best = 0.0

@@ -417,15 +417,15 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     console = console or Console(stderr=True, soft_wrap=True)
     warn = lambda m: console.print(f"[yellow]{m}[/]")  # noqa: E731
     out = check_output_dir(cfg.train.output_dir)
-    seed_everything(cfg.train.seed)
-    tokenizer, dataset = _prompts(cfg, records, warn)
-    resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
     accelerator = Accelerator(cpu=dist.use_cpu(cfg.train.cpu), mixed_precision=cfg.train.mixed_precision,
                               gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                               log_with=cfg.train.log_with or None, project_dir=str(out))
     dist.check_launch(accelerator)
     if not accelerator.is_main_process:
         console.quiet = True  # one process speaks: errors still reach stderr by their exception
+    seed_everything(cfg.train.seed)
+    tokenizer, dataset = _prompts(cfg, records, warn)
+    resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
     reward = make_reward(cfg, reward_fn, accelerator.device)
     policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
     seed = dist.process_seed(cfg.train.seed, accelerator.process_index)
