@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from ppo_lm import algo
 from ppo_lm.algo import (
     AdaptiveKLController,
     FixedKLController,
@@ -554,3 +555,42 @@ def test_adaptive_kl_controller_state_dict_round_trip():
     c.update(2.0, 50)
     c2.update(2.0, 50)
     assert c2.value == c.value
+
+
+def test_masked_moments_over_processes_by_hand():
+    """x = [1, 2, 3 | 4 (masked out)]: mean 2, unbiased var 1. With a ``reduce`` that sums over two processes
+    holding [1, 2] and [3]: the same moments as the whole batch on one process."""
+    x, m = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[1, 1, 1, 0]])
+    mean, var = algo.masked_moments(x, m)
+    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(1.0)
+    other = torch.tensor([1.0, 3.0], dtype=torch.float64)  # process 2's (n, sum x) = (1, 3) ...
+    calls = []
+
+    def reduce(t):  # ... and its sum of squares about the global mean 2: (3 - 2)^2 = 1
+        calls.append(t)
+        return t + (other if len(calls) == 1 else torch.tensor(1.0, dtype=torch.float64))
+
+    mean, var = algo.masked_moments(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]), reduce)
+    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(1.0)
+
+
+def test_token_mean_by_hand():
+    x, m = torch.tensor([[2.0, 4.0, 6.0]]), torch.tensor([[1, 1, 0]])
+    assert algo.token_mean(x, m).item() == pytest.approx(3.0)  # (2 + 4) / 2
+    assert algo.token_mean(x, m, n_tokens=4.0).item() == pytest.approx(1.5)  # (2 + 4) / 4
+    loss, _ = algo.value_loss(torch.tensor([[1.0, 1.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([[3.0, 1.0]]),
+                              torch.tensor([[1, 1]]), clip_range=0.2, n_tokens=8.0)
+    assert loss.item() == pytest.approx(0.5 * 4.0 / 8.0)  # 0.5 x (2^2 + 0) / 8
+
+
+def test_process_seeds_and_one_process_helpers():
+    from types import SimpleNamespace
+
+    from ppo_lm import distributed as dist
+
+    assert dist.process_seed(7, 0) == 7  # a 1-process run keeps its seed
+    assert len({dist.process_seed(7, r) for r in range(8)}) == 8 and dist.process_seed(7, 1) == dist.process_seed(7, 1)
+    one = SimpleNamespace(num_processes=1)
+    x = torch.tensor([1.0, 2.0])
+    assert dist.global_sum(one, x) is x and dist.global_mean(one, 0.25) == 0.25 and dist.any_process(one, True)
+    assert dist.summer(one) is None and dist.gather_list(one, [1]) == [1]
