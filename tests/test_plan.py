@@ -22,7 +22,9 @@ def test_roles_activations_and_sharding_by_hand(tiny_model_dir, tmp_path):
     # KV cache: 16 rows x 16 tokens x 2 layers x (k, v) x 8 x 4 bytes, and one step's logits
     assert acts["generation"] == 32768 + 640
     on = lambda strategy: plan.per_device(parts, acts, strategy, 2)  # noqa: E731
-    assert on("ddp") == {"policy": 16000, "reference": 4000, "activations": 139264 + 7680}
+    # DDP on 2 devices: the gradient buckets hold a second copy of the gradients
+    assert on("ddp") == {"policy": 16000 + 4000, "reference": 4000, "activations": 139264 + 7680}
+    assert plan.per_device(parts, acts, "ddp", 1)["policy"] == 16000
     assert on("zero2")["policy"] == 4000 + 2000 + 4000 and on("zero2")["reference"] == 4000
     assert on("zero3")["policy"] == 8000 and on("zero3")["reference"] == 2000
     assert on("zero3-offload")["policy"] == 2000 and on("zero3-offload")["reference"] == 2000
@@ -69,3 +71,20 @@ def test_plan_command(tiny_model_dir, tmp_path):
                                                           "(GiB per device)")
     missing = ppo_lm("plan", cfg, "model.name_or_path=./nowhere", cwd=tmp_path)
     assert missing.returncode == 2 and "model.name_or_path" in missing.stderr
+
+
+def test_plan_counts_a_separate_critic_and_float32_reward_models(tiny_model_dir, tiny_reward_model_dir, tmp_path):
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cfg = tiny_config(tiny_model_dir, tmp_path, model={"critic": "policy", "dtype": "bfloat16"},
+                      reward={"sources": [{"type": "model", "path": str(tiny_reward_model_dir)}]})
+    assert set(plan.plan(cfg, gpus=1, gpu_memory_gib=8)["estimates"]["ddp"]["by_role_gib"]) == {
+        "policy", "reference", "value", "reward.sources.0", "activations"}
+    critic = plan.model_shape(str(tiny_model_dir), "trunk", "model.critic", cfg)
+    reward = plan.model_shape(str(tiny_reward_model_dir), "classifier", "reward.sources.0.path", cfg)
+    assert critic.params == sum(p.numel() for p in AutoModel.from_pretrained(tiny_model_dir).parameters())
+    assert reward.params == sum(p.numel() for p in
+                                AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir).parameters())
+    parts = plan.roles(cfg, plan.model_shape(str(tiny_model_dir), "causal", "model.name_or_path", cfg), critic, [reward])
+    assert parts["value"] == {"weights": 2 * critic.params, "grads": 2 * critic.params, "optim": 4 * critic.params}
+    assert parts["reward.sources.0"] == {"frozen": 4 * reward.params}  # float32 whatever the policy's dtype

@@ -48,12 +48,14 @@ def masked_moments(x: Tensor, mask: Tensor, reduce=None, unbiased: bool = True) 
     """Mean and variance of ``x`` over the masked positions, from the sums ``n``, ``sum x`` and
     ``sum (x - m)^2``; ``reduce`` (a sum over processes, or None) makes them moments of every process's
     positions together, as if the batch were on one process. Bessel-corrected unless ``unbiased`` is False."""
+    # across processes the sums travel in float64, so that their order of addition does not show
+    wide = (lambda t: t) if reduce is None else (lambda t: t.double())
     reduce = reduce or (lambda t: t)
     m = mask.to(x.dtype)
-    n_and_sum = reduce(torch.stack([m.sum(), masked_sum(x, m)]).double())
+    n_and_sum = reduce(wide(torch.stack([m.sum(), masked_sum(x, m)])))
     n = n_and_sum[0]
     mean = n_and_sum[1] / n.clamp(min=1.0)
-    squares = reduce(masked_sum((x.double() - mean) ** 2, m.double()))
+    squares = reduce(masked_sum((wide(x) - mean) ** 2, wide(m)))
     var = squares / (n - 1 if unbiased else n).clamp(min=1.0)
     return mean.to(x.dtype), var.to(x.dtype)
 

@@ -122,6 +122,9 @@ def matmul_peak_flops(dtype: torch.dtype, device: str = "cpu", seconds: float = 
     while True:
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
+        a @ b  # untimed: kernel selection, a GPU's library start-up and the pending randn
+        if device != "cpu":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         a @ b
         if device != "cpu":

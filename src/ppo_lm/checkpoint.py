@@ -72,7 +72,9 @@ def rng_state(generator: torch.Generator) -> dict:
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this process's own device only: every process reading all devices' states would open a CUDA context
+        # on each of them
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "generator": generator.get_state(),
     }
 
@@ -84,7 +86,10 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if len(state["cuda"]) == 1:
+            torch.cuda.set_rng_state(state["cuda"][0])
+        else:  # written before ppo-lm saved the current device's state alone
+            torch.cuda.set_rng_state_all(state["cuda"])
     generator.set_state(state["generator"])
 
 

@@ -38,6 +38,8 @@ def cmd_train(args) -> int:
               file=sys.stderr)
         return 0
     last = result.metrics[-1] if result.metrics else {}
+    if not _first_process():
+        return 0
     print(f"done: {len(result.metrics)} iterations, final reward {last.get('reward_mean', float('nan')):+.4f}, "
           f"kl {last.get('kl', float('nan')):.4f}; outputs in {result.output_dir}")
     return 0
@@ -54,6 +56,8 @@ def _run_stage(args, stage: str, metric: str) -> int:
     cfg = load_config(args.config, args.overrides, schema=getattr(module, schema_name))
     _quiet_libraries()
     summary = module.run(cfg)
+    if not _first_process():
+        return 0
     print(f"done: held-out {metric} {summary[f'eval_{metric}_before']} -> {summary[f'eval_{metric}_after']}; "
           f"model in {summary['output']}")
     return 0
@@ -317,6 +321,11 @@ def run_command(func: Callable, args) -> int:
         return 130
     finally:
         _end_process_group()
+
+
+def _first_process() -> bool:
+    """Whether this is the process that reports (the only one, or rank 0 of several)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 def _end_process_group() -> None:

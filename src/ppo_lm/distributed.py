@@ -71,6 +71,21 @@ def gather_list(accelerator, items: list) -> list:
     return list(gather_object(list(items)))
 
 
+def on_main(accelerator, write, field: str):
+    """Run ``write()`` on the main process only, and share its outcome: when it raises a :class:`UserError`
+    (a full disk, ...), every process raises, instead of the others waiting for it in the next collective.
+    Returns what ``write`` returned (None on the other processes)."""
+    result, failure = None, None
+    if accelerator.is_main_process:
+        try:
+            result = write()
+        except UserError as e:
+            failure = e
+    if any_process(accelerator, failure is not None):
+        raise failure or UserError("process 0 could not write its files (its error is in its output)", field)
+    return result
+
+
 def process_seed(seed: int, rank: int) -> int:
     """The seed of process ``rank``: the run's seed on rank 0 (a run on one process is unchanged), a different
     stream derived from it on each other rank, so that no two processes sample with the same uniforms."""
@@ -84,7 +99,9 @@ def process_seed(seed: int, rank: int) -> int:
 def use_cpu(asked: bool) -> bool:
     """The ``cpu`` flag for ``Accelerator``: as configured, and always on a machine without an accelerator,
     where accelerate groups several processes (gloo) only when told it runs on the CPU."""
-    return asked or not torch.accelerator.is_available()
+    accel = getattr(torch, "accelerator", None)  # torch >= 2.6
+    found = accel.is_available() if accel is not None else torch.cuda.is_available() or torch.backends.mps.is_available()
+    return asked or not found
 
 
 def asked_processes() -> tuple[int, str]:

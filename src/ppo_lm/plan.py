@@ -6,14 +6,14 @@ Each role is counted from its parameter count (the model built on the ``meta`` d
   weights (torch keeps AdamW's moments in the weights' dtype);
 - **reference**: a frozen copy of the policy's weights, or nothing with LoRA (the adapters are switched off);
 - **value**: a head on the policy (negligible), or a separate critic, trained like the policy;
-- **reward**: each reward model's weights, frozen;
+- **reward**: each reward model's weights, frozen, in float32 (as the reward source loads them);
 - **activations** of one training micro-batch: per token and layer about ``34 h`` bytes in 16-bit (Korthikanti
   et al. 2022, without the attention-score term, which SDPA kernels do not keep), twice that in float32; with
   gradient checkpointing the layer inputs only, plus one layer; the response logits in float32 (x3: logits,
   log-softmax and its gradient);
 - **generation**: the KV cache of one generation batch over prompt + response.
 
-Strategies over ``gpus`` devices: ``ddp`` (all replicated), ``zero2`` (gradients and optimiser states
+Strategies over ``gpus`` devices: ``ddp`` (all replicated, plus DDP's gradient buckets), ``zero2`` (gradients and optimiser states
 sharded), ``zero3`` / FSDP (weights too, frozen models included), ``zero3-offload`` (optimiser states and
 weights in CPU memory). ppo-lm runs ``ddp`` today; the others are estimated for planning and marked as not
 built. A device also holds its runtime (``overhead_gib``: about 1 GiB for a CUDA context).
@@ -50,7 +50,8 @@ def model_shape(path: str, kind: str, field: str, cfg: Config) -> Shape:
 
     from .models import load_config_checked
 
-    config = load_config_checked(path, kind=kind, field=field, trust_remote_code=cfg.model.trust_remote_code)
+    config = load_config_checked(path, kind="classifier" if kind == "classifier" else "causal", field=field,
+                                 trust_remote_code=cfg.model.trust_remote_code)
     auto = {"causal": AutoModelForCausalLM, "classifier": AutoModelForSequenceClassification, "trunk": AutoModel}
     with torch.device("meta"):
         model = auto[kind].from_config(config, trust_remote_code=cfg.model.trust_remote_code)
@@ -90,8 +91,8 @@ def roles(cfg: Config, policy: Shape, critic: Shape | None, rewards: list[Shape]
            "reference": {"frozen": 0 if cfg.model.lora.enabled else policy.params * b}}
     if critic is not None:
         out["value"] = {"weights": critic.params * b, "grads": critic.params * b, "optim": 2 * critic.params * b}
-    for i, r in enumerate(rewards):
-        out[f"reward.sources.{i}"] = {"frozen": r.params * b}
+    for i, r in enumerate(rewards):  # reward models are loaded in float32, whatever the policy's dtype
+        out[f"reward.sources.{i}"] = {"frozen": r.params * 4}
     return out
 
 
@@ -121,6 +122,8 @@ def per_device(parts: dict[str, dict[str, float]], acts: dict[str, float], strat
     out = {}
     for role, kinds in parts.items():
         out[role] = sum(0.0 if k in offloaded else v / gpus if k in shard else v for k, v in kinds.items())
+        if strategy == "ddp" and gpus > 1:  # DDP's gradient buckets: a second copy of the gradients
+            out[role] += kinds.get("grads", 0.0)
     out["activations"] = max(acts.values())
     return out
 

@@ -23,10 +23,11 @@ from .config import ModelConfig
 from .configfile import ranged
 from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
-from .models import apply_lora, load_pretrained, load_tokenizer, save_merged
+from .models import apply_lora, load_pretrained, load_tokenizer
 from .rewards.model import ENCODING_KEY, encode_for_reward
+from .distributed import on_main
 from .sft import (OptimConfig, StageRunConfig, fit, micro_batches, split_records, stage_accelerator, start_files,
-                  validate_stage)
+                  validate_stage, write_final)
 from .tracking import MetricsLog
 
 
@@ -131,7 +132,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     model, chat = _load_model(cfg, config, tokenizer)
     collate, loss_fn = objective(d.mode, tokenizer, lambda p, c: encode_for_reward(tokenizer, p, c, d.max_length, chat))
 
-    main = start_files(accelerator, out)
+    start_files(accelerator, out)
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
     rows = fit(accelerator, model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate,
                                                  accelerator.process_index, accelerator.num_processes),
@@ -141,10 +142,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
                "output": str(final)}
-    if main:
-        save_merged(model, tokenizer, final)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
     return summary
 
 

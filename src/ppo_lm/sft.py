@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
-from .distributed import global_mean, use_cpu
+from .distributed import global_mean, on_main, use_cpu
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -198,7 +198,7 @@ def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_st
                 if accelerator.sync_gradients and optim.max_grad_norm:
                     accelerator.clip_grad_norm_(params, optim.max_grad_norm)
                 optimizer.step()
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and not optimizer.step_was_skipped:  # fp16: a skipped step
                     scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -261,13 +261,21 @@ def held_out_loss(model, eval_set: list, collate) -> dict:
     return {"eval_loss": nll, "eval_perplexity": math.exp(min(nll, 50.0))}
 
 
-def start_files(accelerator, out: Path) -> bool:
-    """The main process makes the output folder and an empty metrics.jsonl; returns whether this is it."""
+def write_final(model, tokenizer, out: Path, summary: dict) -> None:
+    """``final/`` (LoRA merged) and ``summary.json``; a failure to write is one line naming the folder."""
+    try:
+        save_merged(model, tokenizer, out / "final")
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    except OSError as e:
+        raise UserError(f"could not write {out}: {e.strerror or e}", "train.output_dir") from None
+
+
+def start_files(accelerator, out: Path) -> None:
+    """The main process makes the output folder and an empty metrics.jsonl."""
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
     accelerator.wait_for_everyone()
-    return accelerator.is_main_process
 
 
 def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> dict:
@@ -299,7 +307,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
         return {"input_ids": ids, "attention_mask": mask, "labels": pad_right([r[1] for r in rows], IGNORE)}
 
     evaluate = functools.partial(held_out_loss, model, eval_set, collate)
-    main = start_files(accelerator, out)
+    start_files(accelerator, out)
     steps = math.ceil(len(train_set) / cfg.optim.batch_size)
     rows = fit(accelerator, model, micro_batches(train_set, cfg.optim, cfg.train.seed, collate,
                                                  accelerator.process_index, accelerator.num_processes),
@@ -309,8 +317,5 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     summary = {"train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_loss_before": rows[0].get("eval_loss"), "eval_loss_after": rows[-1].get("eval_loss"),
                "output": str(out / "final")}
-    if main:
-        save_merged(model, tokenizer, out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    accelerator.wait_for_everyone()
+    on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
     return summary

@@ -209,7 +209,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                         continue
                     state.nonfinite_streak, state.first_nonfinite = 0, None
                     optimizer.step()
-                    if accelerator.sync_gradients:  # one schedule step per optimiser step, on any number of processes
+                    if accelerator.sync_gradients and not optimizer.step_was_skipped:  # once per optimiser step
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
@@ -235,7 +235,9 @@ def _drop_update(accelerator, optimizer, quantity: str) -> bool:
     overflow = quantity == "gradient" and scaler is not None
     if overflow:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # the inner optimiser's: accelerate's wrapper zeroes nothing inside an accumulation window, and the dropped
+    # micro-batch's gradient (and those before it in the window) would then stay in the sum
+    getattr(optimizer, "optimizer", optimizer).zero_grad(set_to_none=True)
     return overflow and scaler.get_scale() >= 1.0
 
 
@@ -497,13 +499,12 @@ def save_checkpoint(run: Run) -> Path | None:
 
     run.accelerator.wait_for_everyone()
     rngs = dist.gather_list(run.accelerator, [ckpt.rng_state(run.generator)])  # each process resumes its own
-    if not run.accelerator.is_main_process:
-        return None
-    return ckpt.save(run.out / "checkpoints", run.state.iteration,
-                     model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
-                     optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
-                     trainer_state=run.state.state_dict(), rng=rngs[0], process_rngs=rngs[1:],
-                     config=run.cfg.to_dict(), version=__version__, keep=run.cfg.train.keep_checkpoints)
+    return dist.on_main(run.accelerator, lambda: ckpt.save(
+        run.out / "checkpoints", run.state.iteration,
+        model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
+        optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+        trainer_state=run.state.state_dict(), rng=rngs[0], process_rngs=rngs[1:], config=run.cfg.to_dict(),
+        version=__version__, keep=run.cfg.train.keep_checkpoints), "train.checkpoint_every")
 
 
 def finish(run: Run, interrupted: bool) -> TrainResult:
