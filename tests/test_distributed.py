@@ -220,3 +220,26 @@ def test_the_example_accelerate_config_is_one_accelerate_reads():
 
     cfg = ClusterConfig.from_yaml_file(str(HERE.parent / "examples" / "accelerate" / "ddp.yaml"))
     assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes == 2 and cfg.mixed_precision == "no"
+
+
+def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tiny_model_dir, tmp_path):
+    """SIGTERM reaches rank 1 alone (as a scheduler may deliver it): both processes stop after the same
+    iteration, process 0 writes the checkpoint, and the command exits 0 with the resume hint."""
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 200)
+    proc = subprocess.Popen([*TORCHRUN, "-m", "ppo_lm.cli", "train", str(cfg), "train.checkpoint_every=0"],
+                            cwd=tmp_path, env=DIST_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_rows(tmp_path / "run" / "metrics.jsonl", 2, proc, timeout=LIMIT)
+        workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        rank1 = next(p for p in workers if b"RANK=1\0" in Path(f"/proc/{p}/environ").read_bytes())
+        os.kill(rank1, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=LIMIT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Resume with: ppo-lm train" in stderr
+    done = len(metrics(tmp_path / "run"))
+    assert done < 200 and (tmp_path / "run" / "checkpoints" / f"ckpt-{done:06d}" / "rng-process1.pt").exists()
