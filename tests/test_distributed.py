@@ -37,13 +37,16 @@ def one_update(model_dir, out: Path, processes: int, *overrides) -> dict:
     done = subprocess.run([*map(str, cmd), model_dir, out, *overrides], capture_output=True, text=True,
                           env=DIST_ENV, timeout=LIMIT, cwd=out.parent)
     assert done.returncode == 0, done.stderr[-3000:]
-    return load_file(str(out))
+    lr = float(done.stdout.split(" lr ")[-1].split()[0])
+    return {**load_file(str(out)), "lr": torch.tensor(lr)}
 
 
 @pytest.mark.parametrize("overrides", [
     (),  # whitening over the global batch, one minibatch, two epochs
     ("ppo.gradient_accumulation_steps=2", "reward.normalize=true", "ppo.whiten_rewards=true"),
-], ids=["plain", "accumulation-normalize-whiten"])
+    # a linear schedule over 4 iterations x 2 steps: its second step must be at 7/8 of lr on 2 processes too
+    ("ppo.lr_schedule=linear", "train.iterations=4"),
+], ids=["plain", "accumulation-normalize-whiten", "linear-schedule"])
 def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, overrides):
     """2 processes x 8 prompts and 1 process x 16 prompts, the same sampled batch: the same weights after
     the update, to float tolerance (sums are taken in another order; Adam turns a rounding difference in a
@@ -53,6 +56,8 @@ def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, ove
     start = load_file(str(tiny_model_dir / "model.safetensors"))
     moved = max((one[k] - start[k.removeprefix("lm.")]).abs().max().item() for k in one
                 if k.removeprefix("lm.") in start)
+    if "ppo.lr_schedule=linear" in overrides:
+        assert one["lr"].item() == pytest.approx(1e-2 * 6 / 8)  # 2 of 8 steps taken
     assert moved > 1e-3  # the update did something to compare
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4, msg=k)  # wrong: ~3e-2
