@@ -248,3 +248,19 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tiny_model_dir, tmp
     assert "Resume with: ppo-lm train" in stderr
     done = len(metrics(tmp_path / "run"))
     assert done < 200 and (tmp_path / "run" / "checkpoints" / f"ckpt-{done:06d}" / "rng-process1.pt").exists()
+
+
+def test_a_group_that_accelerate_did_not_connect_is_refused(monkeypatch):
+    """torchrun said WORLD_SIZE=2, accelerate runs this process alone (as it did on CPU without cpu=True)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ppo_lm import distributed as dist
+    from ppo_lm.errors import UserError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    alone = SimpleNamespace(num_processes=1, distributed_type=DistributedType.NO)
+    with pytest.raises(UserError, match=r"launch: WORLD_SIZE=2 asked for 2 processes, but accelerate runs 1 \(NO\)"):
+        dist.check_launch(alone)
+    dist.check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
