@@ -103,13 +103,7 @@ def combine(files: list[str], out: Path) -> int:
         for key, colour, name in (("trl_reward", "tab:blue", "TRL 1.12.0"), ("ppo_lm_reward", "tab:orange", "ppo-lm")):
             xs = [64 * (k + 1) for k in range(len(run[key]))]
             ax.plot(xs, run[key], color=colour, alpha=0.8, lw=1.2, label=name if i == 0 else None)
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel("mean reward of the batch")
-    ax.set_title(f"{len(files)} seeds, same task and hyper-parameters")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_reward_plot(fig, ax, f"{len(files)} seeds, same task and hyper-parameters", out)
     stats = {"runs": [{"file": Path(f).name, "seed": r["seed"], "trl": r["trl_last5_mean"], "ppo_lm": r["ppo_lm_last5_mean"]}
                       for f, r in zip(files, runs)],
              **compare([r["trl_last5_mean"] for r in runs], [r["ppo_lm_last5_mean"] for r in runs])}
@@ -168,9 +162,14 @@ def plot(a, trl: list[float], ours: list[float], path: Path) -> None:
     ax.plot([64 * (i + 1) for i in range(len(ours))], ours, marker=".",
             label=f"ppo-lm ({'separate critic' if a.critic else 'shared trunk'}, {a.mixed_precision}"
                   f"{f', value_lr {a.value_lr:g}' if a.value_lr else ''}{f', vf_coef {a.vf_coef:g}' if a.vf_coef != 0.1 else ''})")
+    save_reward_plot(fig, ax, f"same task, seed {a.seed}, lr {a.lr}", path)
+
+
+def save_reward_plot(fig, ax, title: str, path) -> None:
+    """The axes, grid and legend every reward-curve figure here shares; written to ``path``."""
     ax.set_xlabel("samples seen")
     ax.set_ylabel("mean reward of the batch")
-    ax.set_title(f"same task, seed {a.seed}, lr {a.lr}")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -3,7 +3,6 @@ files, decisions taken together, exact resume after SIGKILL, and launches that w
 
 Every launch has a timeout, so that a hang fails the test instead of stalling the suite."""
 
-import json
 import os
 import random
 import signal
@@ -189,26 +188,10 @@ def test_stage_data_is_shared_out_between_processes():
 def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, tmp_path):
     """SFT -> reward model -> PPO -> evaluation under torchrun: each stage trains on its share of the data and
     only process 0 writes and prints."""
-    from test_stages import preference_records, reverse_records
+    from test_stages import write_pipeline
 
-    def jsonl(name, rows):
-        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return tmp_path / name
-
-    demos, prefs = jsonl("demos.jsonl", reverse_records(32)), jsonl("prefs.jsonl", preference_records(32))
-    prompts = jsonl("prompts.jsonl", [{"prompt": r["prompt"]} for r in reverse_records(16, seed=5)])
-    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {demos}}}\n"
-                                       "optim: {epochs: 2, lr: 3.0e-3}\n")
-    (tmp_path / "rm.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prefs}}}\n"
-                                      "optim: {epochs: 2, lr: 3.0e-3}\n")
-    (tmp_path / "ppo.yaml").write_text(
-        f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prompts}}}\n"
-        "rollout: {batch_size: 4, max_new_tokens: 6}\nreward: {sources: [{type: keyword, words: [a]}]}\n"
-        "ppo: {lr: 1.0e-3, num_minibatches: 2}\ntrain: {iterations: 2, progress: false, log_samples: 0}\n")
-    (tmp_path / "pipe.yaml").write_text(f"output_dir: {tmp_path / 'p'}\nsft: {tmp_path / 'sft.yaml'}\n"
-                                        f"reward_model: {tmp_path / 'rm.yaml'}\nppo: {tmp_path / 'ppo.yaml'}\n"
-                                        "eval_limit: 8\n")
-    done = torchrun("-m", "ppo_lm.cli", "pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
+    pipe = write_pipeline(tmp_path, tiny_model_dir, n_examples=32, n_prompts=16, batch_size=4)
+    done = torchrun("-m", "ppo_lm.cli", "pipeline", pipe, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "p"
     for stage in ("sft", "reward_model"):

@@ -154,25 +154,32 @@ def test_eval_and_compare_cli(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
+def write_pipeline(tmp_path, model_dir, n_examples: int = 64, n_prompts: int = 32, batch_size: int = 8):
+    """A pipeline over the tiny model (SFT and reward model 2 epochs each, PPO 2 iterations, eval on 8 prompts)
+    writing under ``tmp_path / "p"``; returns its pipe.yaml."""
     def jsonl(name, rows):
         (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         return tmp_path / name
 
-    demos = jsonl("demos.jsonl", reverse_records(64))
-    prefs = jsonl("prefs.jsonl", preference_records(64))
-    prompts = jsonl("prompts.jsonl", [{"prompt": r["prompt"]} for r in reverse_records(32, seed=5)])
-    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {demos}}}\n"
+    demos = jsonl("demos.jsonl", reverse_records(n_examples))
+    prefs = jsonl("prefs.jsonl", preference_records(n_examples))
+    prompts = jsonl("prompts.jsonl", [{"prompt": r["prompt"]} for r in reverse_records(n_prompts, seed=5)])
+    (tmp_path / "sft.yaml").write_text(f"model: {{name_or_path: {model_dir}}}\ndata: {{path: {demos}}}\n"
                                        "optim: {epochs: 2, lr: 3.0e-3}\ntrain: {progress: false}\n")
-    (tmp_path / "rm.yaml").write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prefs}}}\n"
+    (tmp_path / "rm.yaml").write_text(f"model: {{name_or_path: {model_dir}}}\ndata: {{path: {prefs}}}\n"
                                       "optim: {epochs: 2, lr: 3.0e-3}\n")
     (tmp_path / "ppo.yaml").write_text(
-        f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{path: {prompts}}}\n"
-        "rollout: {batch_size: 8, max_new_tokens: 6}\nreward: {sources: [{type: keyword, words: [a]}]}\n"
+        f"model: {{name_or_path: {model_dir}}}\ndata: {{path: {prompts}}}\n"
+        f"rollout: {{batch_size: {batch_size}, max_new_tokens: 6}}\nreward: {{sources: [{{type: keyword, words: [a]}}]}}\n"
         "ppo: {lr: 1.0e-3, num_minibatches: 2}\ntrain: {iterations: 2, progress: false, log_samples: 0}\n")
     (tmp_path / "pipe.yaml").write_text(f"output_dir: {tmp_path / 'p'}\nsft: {tmp_path / 'sft.yaml'}\n"
                                         f"reward_model: {tmp_path / 'rm.yaml'}\nppo: {tmp_path / 'ppo.yaml'}\n"
                                         "eval_limit: 8\n")
+    return tmp_path / "pipe.yaml"
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
+    write_pipeline(tmp_path, tiny_model_dir)
     first = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     root = tmp_path / "p"

@@ -102,7 +102,7 @@ def cmd_pipeline(args) -> int:
     if summary.get("ppo", {}).get("interrupted"):
         print(f"stopped; run the same command again to resume ({summary['ppo']['checkpoint']})", file=sys.stderr)
         return 0
-    if "eval" not in summary:  # another process than the first of several: the first evaluates and reports
+    if not _first_process():  # the first of several processes evaluates and reports
         return 0
     reward = summary["eval"]["reward_mean"]
     print(f"done: reward {reward['before']:+.4f} -> {reward['after']:+.4f}; report in {summary['report']}")

@@ -71,18 +71,37 @@ def gather_list(accelerator, items: list) -> list:
     return list(gather_object(list(items)))
 
 
+def accelerator_for(console, *, cpu: bool, **kwargs):
+    """The command's ``Accelerator`` (``kwargs`` go to it): ``cpu`` as :func:`use_cpu` decides, the launch
+    checked (:func:`check_launch`), and the console of every process but the main one quiet, so that one
+    process speaks (errors still reach stderr through their exceptions)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=use_cpu(cpu), **kwargs)
+    check_launch(accelerator)
+    if not accelerator.is_main_process:
+        console.quiet = True
+    return accelerator
+
+
+def raise_together(accelerator, failure: UserError | None, elsewhere: UserError) -> None:
+    """Raise on every process when any has a ``failure``: its own where it has one, ``elsewhere`` on the others
+    (each would otherwise wait for the failed one in the next collective)."""
+    if any_process(accelerator, failure is not None):
+        raise failure or elsewhere
+
+
 def on_main(accelerator, write, field: str):
     """Run ``write()`` on the main process only, and share its outcome: when it raises a :class:`UserError`
-    (a full disk, ...), every process raises, instead of the others waiting for it in the next collective.
-    Returns what ``write`` returned (None on the other processes)."""
+    (a full disk, ...), every process raises. Returns what ``write`` returned (None on the other processes)."""
     result, failure = None, None
     if accelerator.is_main_process:
         try:
             result = write()
         except UserError as e:
             failure = e
-    if any_process(accelerator, failure is not None):
-        raise failure or UserError("process 0 could not write its files (its error is in its output)", field)
+    raise_together(accelerator, failure, UserError("process 0 could not write its files (its error is in its output)",
+                                                   field))
     return result
 
 

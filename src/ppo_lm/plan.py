@@ -62,7 +62,8 @@ def model_shape(path: str, kind: str, field: str, cfg: Config) -> Shape:
     head_dim = get("head_dim", default=hidden // heads)
     return Shape(params=sum(p.numel() for p in model.parameters()), layers=get("num_hidden_layers", "n_layer"),
                  hidden=hidden, vocab=get("vocab_size"), kv_width=kv_heads * head_dim,
-                 lora_params=lora_parameters(model, cfg.model.lora) if cfg.model.lora.enabled else 0)
+                 lora_params=lora_parameters(model, cfg.model.lora) if kind == "causal" and cfg.model.lora.enabled
+                 else 0)  # LoRA goes on the policy only (not on a critic or a reward model)
 
 
 def lora_parameters(model, lora) -> int:
@@ -141,7 +142,6 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float, overhead_gib: float = 1.
     if cfg.model.critic:
         path = cfg.model.name_or_path if cfg.model.critic == "policy" else cfg.model.critic
         critic = model_shape(path, "trunk", "model.critic", cfg)
-        critic.lora_params = 0
     rewards = [model_shape(path, kind, field, cfg) for path, kind, field in found if kind == "classifier"]
     parts, acts = roles(cfg, policy, critic, rewards), activations(cfg, policy, prompt_tokens)
     budget = 0.9 * gpu_memory_gib

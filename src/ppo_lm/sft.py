@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
-from .distributed import global_mean, on_main, use_cpu
+from .distributed import accelerator_for, global_mean, on_main
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -159,17 +159,9 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
 
 def stage_accelerator(run: StageRunConfig, optim: OptimConfig, console):
     """The stage's ``Accelerator`` (made after the output folder is checked, before anything is written). On
-    several processes, only the main one prints and writes; the others' console is quiet."""
-    from accelerate import Accelerator
-
-    from .distributed import check_launch
-
-    accelerator = Accelerator(cpu=use_cpu(run.cpu), mixed_precision=run.mixed_precision,
-                              gradient_accumulation_steps=optim.gradient_accumulation_steps)
-    check_launch(accelerator)
-    if not accelerator.is_main_process:
-        console.quiet = True
-    return accelerator
+    several processes, only the main one prints and writes."""
+    return accelerator_for(console, cpu=run.cpu, mixed_precision=run.mixed_precision,
+                           gradient_accumulation_steps=optim.gradient_accumulation_steps)
 
 
 def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_steps_per_epoch: int, loss_fn,

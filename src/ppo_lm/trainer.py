@@ -91,8 +91,8 @@ def score(rollout: Rollout, reward_fn: WeightedSum, accelerator) -> Tensor:
         raw, failure = reward_fn(rollout.prompts, rollout.completions, rollout.fields).to(rollout.values.device), None
     except RewardError as e:
         raw, failure = None, e
-    if dist.any_process(accelerator, failure is not None):
-        raise failure or RewardError("failed on another process (its error is in that process's output)", "reward")
+    dist.raise_together(accelerator, failure,
+                        RewardError("failed on another process (its error is in that process's output)", "reward"))
     return raw
 
 
@@ -347,7 +347,8 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                 run.checkpoint = save_checkpoint(run) or run.checkpoint
             if stopping and state.iteration < cfg.train.iterations:
                 interrupted = True
-                run.warn(f"stopped by {stop.requested or 'a signal to another process'} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
+                by = stop.requested or "a signal to another process"
+                run.warn(f"stopped by {by} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
                 break
     return finish(run, interrupted)
 
@@ -413,18 +414,14 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
           console=None) -> Run:
     """Everything before the first iteration. All that can be wrong with the input is checked before a model
     is loaded, and nothing is written before the models are loaded."""
-    from accelerate import Accelerator
     from rich.console import Console
 
     console = console or Console(stderr=True, soft_wrap=True)
     warn = lambda m: console.print(f"[yellow]{m}[/]")  # noqa: E731
     out = check_output_dir(cfg.train.output_dir)
-    accelerator = Accelerator(cpu=dist.use_cpu(cfg.train.cpu), mixed_precision=cfg.train.mixed_precision,
-                              gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
-                              log_with=cfg.train.log_with or None, project_dir=str(out))
-    dist.check_launch(accelerator)
-    if not accelerator.is_main_process:
-        console.quiet = True  # one process speaks: errors still reach stderr by their exception
+    accelerator = dist.accelerator_for(console, cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
+                                       gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
+                                       log_with=cfg.train.log_with or None, project_dir=str(out))
     seed_everything(cfg.train.seed)
     tokenizer, dataset = _prompts(cfg, records, warn)
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
