@@ -30,11 +30,16 @@ def torchrun(*args, cwd, timeout=LIMIT):
                           timeout=timeout)
 
 
-def one_update(model_dir, out: Path, processes: int, *overrides) -> dict:
+def zero(stage: int) -> dict:
+    """The environment `accelerate launch` sets for a DeepSpeed config of ZeRO ``stage``, on CPU."""
+    return {"DS_ACCELERATOR": "cpu", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": str(stage)}
+
+
+def one_update(model_dir, out: Path, processes: int, *overrides, env=None) -> dict:
     script = HERE / "dist" / "one_update.py"
     cmd = [*TORCHRUN[:-1], "2", script] if processes == 2 else [sys.executable, script]
     done = subprocess.run([*map(str, cmd), model_dir, out, *overrides], capture_output=True, text=True,
-                          env=DIST_ENV, timeout=LIMIT, cwd=out.parent)
+                          env={**DIST_ENV, **(env or {})}, timeout=LIMIT, cwd=out.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     lr = float(done.stdout.split(" lr ")[-1].split()[0])
     return {**load_file(str(out)), "lr": torch.tensor(lr)}
@@ -203,11 +208,16 @@ def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, t
     assert done.stderr.count("[sft] supervised fine-tuning") == 1 and done.stderr.count("epoch 2:") == 2  # sft, rm
 
 
-def test_the_example_accelerate_config_is_one_accelerate_reads():
+@pytest.mark.parametrize("name, engine, stage", [("ddp", "MULTI_GPU", None), ("zero2", "DEEPSPEED", 2),
+                                                ("zero3", "DEEPSPEED", 3), ("zero3-offload", "DEEPSPEED", 3)])
+def test_the_example_accelerate_configs_are_ones_accelerate_reads(name, engine, stage):
     from accelerate.commands.config.config_args import ClusterConfig
 
-    cfg = ClusterConfig.from_yaml_file(str(HERE.parent / "examples" / "accelerate" / "ddp.yaml"))
-    assert cfg.distributed_type.value == "MULTI_GPU" and cfg.num_processes == 2 and cfg.mixed_precision == "no"
+    cfg = ClusterConfig.from_yaml_file(str(HERE.parent / "examples" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == engine and cfg.num_processes == 2 and cfg.mixed_precision == "no"
+    if stage:
+        assert cfg.deepspeed_config["zero_stage"] == stage
+        assert (cfg.deepspeed_config["offload_param_device"] == "cpu") == name.endswith("offload")
 
 
 def test_sigterm_to_one_process_stops_both_with_a_checkpoint(tiny_model_dir, tmp_path):
@@ -247,3 +257,86 @@ def test_a_group_that_accelerate_did_not_connect_is_refused(monkeypatch):
     with pytest.raises(UserError, match=r"launch: WORLD_SIZE=2 asked for 2 processes, but accelerate runs 1 \(NO\)"):
         dist.check_launch(alone)
     dist.check_launch(SimpleNamespace(num_processes=2, distributed_type=DistributedType.MULTI_CPU))
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed (CPU)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_makes_the_same_update_as_one_process(tiny_model_dir, tmp_path, stage):
+    """ZeRO-2 (gradients and AdamW states sharded) and ZeRO-3 (weights too, gathered for the rollout): 2
+    processes x 8 prompts give the weights 1 process x 16 prompts gives, with gradient accumulation and a
+    linear schedule, whose steps DeepSpeed must not take for ppo-lm."""
+    pytest.importorskip("deepspeed")
+    overrides = ("ppo.gradient_accumulation_steps=2", "ppo.lr_schedule=linear", "train.iterations=4")
+    one = one_update(tiny_model_dir, tmp_path / "one.safetensors", 1, *overrides)
+    two = one_update(tiny_model_dir, tmp_path / "two.safetensors", 2, *overrides, env=zero(stage))
+    assert one["lr"].item() == pytest.approx(1e-2 * 6 / 8) and two["lr"].item() == pytest.approx(one["lr"].item())
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert max((one[k] - start[k.removeprefix("lm.")]).abs().max().item() for k in one
+               if k.removeprefix("lm.") in start) > 1e-3
+    assert one.keys() == two.keys()
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+
+
+def accelerate_launch(config: str, *args, cwd):
+    return subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                           str(HERE.parent / "examples" / "accelerate" / config), "-m", "ppo_lm.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, env={**DIST_ENV, "DS_ACCELERATOR": "cpu"},
+                          timeout=LIMIT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml", "zero3-offload.yaml"])
+def test_deepspeed_example_configs_train_resume_and_save_a_model(tiny_model_dir, tmp_path, config):
+    """Each DeepSpeed example under `accelerate launch` on CPU (2 processes): 2 iterations, then resumed to 3
+    from its checkpoint (each process's shards in the checkpoint's engine/), equals 3 iterations straight:
+    metrics and final weights; the final model is a whole transformers model that loads without DeepSpeed."""
+    pytest.importorskip("deepspeed")
+    from transformers import AutoModelForCausalLM
+
+    straight = accelerate_launch(config, "train", write_run(tmp_path, tiny_model_dir, "straight", 3), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    cut = write_run(tmp_path, tiny_model_dir, "cut", 3)
+    first = accelerate_launch(config, "train", cut, "train.iterations=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "cut" / "checkpoints" / "ckpt-000002" / "engine").is_dir()
+    resumed = accelerate_launch(config, "train", cut, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
+    assert [r["iteration"] for r in b] == [1, 2, 3] and a == b
+    wa = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert all(wa[k].shape == start[k].shape for k in start)  # whole, not ZeRO-3's shards
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "final")
+    assert max((p.detach() - start[k]).abs().max().item() for k, p in model.state_dict().items() if k in start) > 0
+
+
+def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from ppo_lm import distributed as dist
+    from ppo_lm.errors import UserError
+
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 2.0}
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                          state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=ds)))
+    with pytest.raises(UserError, match=r"ppo.max_grad_norm: the DeepSpeed config sets gradient_clipping=2.0"):
+        dist.fit_engine(acc, micro_batch=4, max_grad_norm=1.0)
+    dist.fit_engine(acc, micro_batch=4, max_grad_norm=2.0)
+    assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}
+
+
+def test_an_fsdp_launch_is_refused(tiny_model_dir, tmp_path):
+    cfg = write_run(tmp_path, tiny_model_dir, "run", 1)
+    done = subprocess.run([sys.executable, "-m", "ppo_lm.cli", "train", str(cfg)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**DIST_ENV, "ACCELERATE_USE_FSDP": "true"}, timeout=LIMIT)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "launch: FSDP is not supported by ppo-lm yet" in done.stderr
+    assert not (tmp_path / "run").exists()

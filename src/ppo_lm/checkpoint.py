@@ -10,6 +10,7 @@ Layout under ``output_dir/checkpoints``::
         rng.pt              python / numpy / torch / update-shuffle generator states
         state.json          iteration, KL controller, reward statistics, sampler position, counters
         config.yaml         the run's config
+        engine/             under DeepSpeed: its own checkpoint of the model and optimiser, each process's shards
         MANIFEST.json       sha256 and size of every file above, the package version; written last
     latest                  the name of the newest complete checkpoint (replaced atomically)
 
@@ -117,12 +118,13 @@ def save(root: Path, iteration: int, *, model_state: dict, optimizer_state: dict
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
         if write_hook is not None:
             write_hook(tmp)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for p in files:
             with p.open("rb") as f:
                 os.fsync(f.fileno())
         manifest = {"iteration": iteration, "version": version,
-                    "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+                    "files": {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                              for p in files}}
         _write_json(tmp / "MANIFEST.json", manifest)  # last: its presence marks the checkpoint complete
         _fsync_dir(tmp)
         if final.exists():
@@ -235,29 +237,43 @@ def find_resume(out: Path, current_config: dict, warn: Callable[[str], None]) ->
     return found
 
 
+def _load_weights(path: Path, saved: dict, model: torch.nn.Module) -> None:
+    missing = set(saved) ^ {k for k, p in model.named_parameters() if p.requires_grad}
+    if missing:
+        raise UserError(f"checkpoint parameters do not match the model ({len(missing)} names differ, e.g. "
+                        f"{sorted(missing)[0]})", str(path))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            params[name].copy_(value)
+
+
 def processes(path: Path) -> int:
     """How many processes wrote the checkpoint (one RNG file each)."""
     return 1 + len(list(path.glob("rng-process*.pt")))
 
 
 def restore(found: Checkpoint, model: torch.nn.Module, optimizer, scheduler, trainer_state, generator,
-            metrics_path: Path, *, rank: int = 0, world: int = 1, warn=print) -> list[dict]:
+            metrics_path: Path, *, rank: int = 0, world: int = 1, warn=print,
+            load_engine: Callable[[Path], None] | None = None) -> list[dict]:
     """Load a checkpoint into the live objects (the model's trainable parameters, optimiser, scheduler, the
     trainer's state object, this process's RNGs); cut ``metrics_path`` back to the checkpoint's iteration
-    (process 0 only) and return its rows. A run resumed on another number of processes than wrote the
+    (process 0 only) and return its rows. ``load_engine`` (under DeepSpeed) loads the model and optimiser from
+    the checkpoint's ``engine/`` instead. A run resumed on another number of processes than wrote the
     checkpoint goes on, but not exactly as it would have (a warning says so)."""
     from .tracking import read_metrics
 
     data = load(found.path)
-    missing = set(data["model"]) ^ {k for k, p in model.named_parameters() if p.requires_grad}
-    if missing:
-        raise UserError(f"checkpoint parameters do not match the model ({len(missing)} names differ, e.g. "
-                        f"{sorted(missing)[0]})", str(found.path))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in data["model"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(data["optimizer"])
+    engine = found.path / "engine"
+    if engine.is_dir() != (load_engine is not None):
+        written = "under DeepSpeed" if engine.is_dir() else "without DeepSpeed"
+        raise UserError(f"the checkpoint was written {written}, and this run is not: its optimiser state is "
+                        "kept in another form; resume with the launch that wrote it", str(found.path))
+    if load_engine is not None:
+        load_engine(engine)
+    else:
+        _load_weights(found.path, data["model"], model)
+        optimizer.load_state_dict(data["optimizer"])
     scheduler.load_state_dict(data["scheduler"])
     trainer_state.load_state_dict(data["state"])
     written_by = processes(found.path)

@@ -13,6 +13,7 @@ network: launching is ``torchrun`` or ``accelerate launch`` (docs/scaling.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -76,12 +77,80 @@ def accelerator_for(console, *, cpu: bool, **kwargs):
     checked (:func:`check_launch`), and the console of every process but the main one quiet, so that one
     process speaks (errors still reach stderr through their exceptions)."""
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
-    accelerator = Accelerator(cpu=use_cpu(cpu), **kwargs)
+    cpu = use_cpu(cpu)
+    if cpu and engine() == "deepspeed":
+        # accelerate turns DeepSpeed off with cpu=True; without it, it must be told the group's backend, or it
+        # counts one process while DeepSpeed connects them all
+        cpu, kwargs = False, {**kwargs, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    accelerator = Accelerator(cpu=cpu, **kwargs)
     check_launch(accelerator)
+    if zero_stage(accelerator) == 3:
+        # every model loads whole (in CPU memory), not sharded at load by ZeRO-3's ``zero.Init``: the reference is
+        # a copy of the policy as loaded, and reward models run whole; DeepSpeed shards the policy when prepared
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     if not accelerator.is_main_process:
         console.quiet = True
     return accelerator
+
+
+def engine() -> str:
+    """The engine the launcher asked for: "deepspeed" or "fsdp" (``accelerate launch`` with such a config sets
+    ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``), else "ddp"."""
+    for name in ("deepspeed", "fsdp"):
+        if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true":
+            return name
+    return "ddp"
+
+
+def zero_stage(accelerator) -> int | None:
+    """The ZeRO stage when DeepSpeed runs the model (accelerate's ``DistributedType.DEEPSPEED``), else None."""
+    if accelerator.distributed_type.value != "DEEPSPEED":
+        return None
+    return int(accelerator.state.deepspeed_plugin.zero_stage)
+
+
+def fit_engine(accelerator, *, micro_batch: int, max_grad_norm: float | None) -> None:
+    """Fill the DeepSpeed config's ``auto`` entries that accelerate takes from a DataLoader (PPO has none) or
+    would fill with its own default (gradient clipping 1.0) from the run's config; an entry the DeepSpeed config
+    sets to another value than the run's is refused, since the two would disagree on what is trained."""
+    if zero_stage(accelerator) is None:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    for key, value, field in (("train_micro_batch_size_per_gpu", micro_batch, "ppo.num_minibatches"),
+                              ("gradient_clipping", float(max_grad_norm or 0.0), "ppo.max_grad_norm")):
+        have = ds.get(key, "auto")
+        if have == "auto":
+            ds[key] = value
+        elif float(have) != float(value):
+            raise UserError(f"the DeepSpeed config sets {key}={have}, the run's config asks for {value}: set it to "
+                            "'auto' there (ppo-lm fills it)", field)
+
+
+@contextlib.contextmanager
+def whole(accelerator, engine):
+    """The model's weights whole on every process for the block: under ZeRO-3 each process holds a shard, and
+    gathering them once (for a rollout's generation and scoring, or to save) is what makes sampling fast; DeepSpeed's
+    per-module hooks, which would gather and release every layer at every token, are off meanwhile. Elsewhere
+    (DDP, ZeRO-2) the weights are already whole and this does nothing."""
+    if zero_stage(accelerator) != 3:
+        yield
+        return
+    import deepspeed
+
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        if offload is not None:
+            offload._remove_module_hooks()
+            offload.forward_hooks.clear(), offload.backward_hooks.clear()  # re-registered below
+        try:
+            yield
+        finally:
+            if offload is not None:
+                offload.setup_zero_stage3_hooks()
 
 
 def raise_together(accelerator, failure: UserError | None, elsewhere: UserError) -> None:
@@ -148,6 +217,9 @@ def asked_processes() -> tuple[int, str]:
 def check_launch(accelerator) -> None:
     """Refuse a launch whose processes are not one group: the launcher was asked for several processes while
     accelerate runs this one alone, so it would train alone (or beside others, unconnected, on the same files)."""
+    if engine() == "fsdp":  # accelerate on CPU ignores FSDP; on GPUs it would shard what ppo-lm cannot yet save
+        raise UserError("FSDP is not supported by ppo-lm yet (its sharded checkpoints are not written); use "
+                        "DeepSpeed ZeRO-3 for sharded weights: examples/accelerate/zero3.yaml", "launch")
     asked, said = asked_processes()
     if asked > 1 and world(accelerator) != asked:
         raise UserError(f"{said} asked for {asked} processes, but accelerate runs {world(accelerator)} "

@@ -18,6 +18,8 @@ docs/scaling.md).
 
 from __future__ import annotations
 
+import math
+import shutil
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -200,9 +202,9 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                     if bad is None:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
-                            norm = accelerator.clip_grad_norm_(params, ppo.max_grad_norm or float("inf"))
-                            bad = None if torch.isfinite(norm) else "gradient"
-                            stats["grad_norm"].append(float(norm))
+                            norm = grad_norm(accelerator, params, ppo.max_grad_norm)
+                            bad = None if math.isfinite(norm) else "gradient"
+                            stats["grad_norm"].append(norm)
                     if bad is not None:  # never step on a NaN/inf: drop it, count it, give up after K in a row
                         overflow = _drop_update(accelerator, optimizer, bad)
                         _skip(state, bad, ppo.max_nonfinite_steps, counts_toward_limit=not overflow)
@@ -223,6 +225,14 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
     out = {k: dist.global_mean(accelerator, sum(v) / len(v) if v else float("nan")) for k, v in stats.items()}
     out["epochs_run"] = epoch + 1
     return out
+
+
+def grad_norm(accelerator, params, max_norm: float | None) -> float:
+    """The gradient's global norm before clipping to ``max_norm``. DeepSpeed clips (``gradient_clipping``) and
+    steps inside ``backward``: accelerate then returns the norm DeepSpeed measured, as a float (None before its
+    first step)."""
+    norm = accelerator.clip_grad_norm_(params, max_norm or float("inf"))
+    return float("nan") if norm is None else float(norm)
 
 
 def _drop_update(accelerator, optimizer, quantity: str) -> bool:
@@ -360,7 +370,7 @@ def iteration(run: Run) -> dict:
     timer.reset()
     indices = state.sampler.next(cfg.rollout.batch_size * acc.num_processes)[acc.process_index::acc.num_processes]
     prompts, prompt_ids, fields = run.dataset.batch(indices)
-    with timer("rollout"):  # 1. collect
+    with timer("rollout"), dist.whole(acc, run.policy):  # 1. collect
         rollout = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout,
                           device=acc.device, forward_batch_size=cfg.minibatch_size, autocast=acc.autocast, timer=timer)
     with timer("score"):  # 2. score, 3. advantages
@@ -440,7 +450,8 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     metrics_path, history = out / "metrics.jsonl", []
     if resume_from is not None:
         history = ckpt.restore(resume_from, model, optimizer, scheduler, state, generator, metrics_path,
-                               rank=accelerator.process_index, world=accelerator.num_processes, warn=warn)
+                               rank=accelerator.process_index, world=accelerator.num_processes, warn=warn,
+                               load_engine=load_engine(policy, accelerator))
         console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -485,33 +496,62 @@ def _models(cfg: Config, accelerator, warn):
     scheduler = get_scheduler(cfg.ppo.lr_schedule, optimizer, num_warmup_steps=cfg.ppo.warmup_steps,
                               num_training_steps=total_steps)
     # the schedule stays unprepared: accelerate would step it once per process at each optimiser step
+    dist.fit_engine(accelerator, micro_batch=cfg.microbatch_size, max_grad_norm=cfg.ppo.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     reference.to(accelerator.device)
     return policy, reference, optimizer, scheduler
 
 
 def save_checkpoint(run: Run) -> Path | None:
-    """A checkpoint of everything an exact resume needs (written by the main process; others get None)."""
+    """A checkpoint of everything an exact resume needs (written by the main process; others get None). Under
+    DeepSpeed every process first writes its shards of the model and optimiser with DeepSpeed's own checkpoint,
+    which the main process then moves into the checkpoint (``engine/``) before it is completed."""
     from . import __version__
 
-    run.accelerator.wait_for_everyone()
-    rngs = dist.gather_list(run.accelerator, [ckpt.rng_state(run.generator)])  # each process resumes its own
-    return dist.on_main(run.accelerator, lambda: ckpt.save(
-        run.out / "checkpoints", run.state.iteration,
-        model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
-        optimizer_state=run.optimizer.state_dict(), scheduler_state=run.scheduler.state_dict(),
+    acc, iteration = run.accelerator, run.state.iteration
+    acc.wait_for_everyone()
+    rngs = dist.gather_list(acc, [ckpt.rng_state(run.generator)])  # each process resumes its own
+    staged, move = run.out / "checkpoints" / f"engine-{iteration:06d}.tmp", None
+    if dist.zero_stage(acc) is not None:
+        run.policy.save_checkpoint(str(staged), tag="engine", exclude_frozen_parameters=True)
+        acc.wait_for_everyone()
+        move = lambda tmp: (staged / "engine").rename(tmp / "engine")  # noqa: E731
+    with dist.whole(acc, run.policy):  # the trainable weights whole, to read without DeepSpeed
+        weights = {k: p.detach().clone() for k, p in run.model.named_parameters() if p.requires_grad} \
+            if acc.is_main_process else {}
+    path = dist.on_main(acc, lambda: ckpt.save(
+        run.out / "checkpoints", iteration, model_state=weights,
+        optimizer_state=run.optimizer.state_dict() if move is None else {}, scheduler_state=run.scheduler.state_dict(),
         trainer_state=run.state.state_dict(), rng=rngs[0], process_rngs=rngs[1:], config=run.cfg.to_dict(),
-        version=__version__, keep=run.cfg.train.keep_checkpoints), "train.checkpoint_every")
+        version=__version__, keep=run.cfg.train.keep_checkpoints, write_hook=move), "train.checkpoint_every")
+    if acc.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)
+    return path
+
+
+def load_engine(run_policy, accelerator):
+    """The ``load_engine`` of :func:`ppo_lm.checkpoint.restore` under DeepSpeed (None elsewhere): every process
+    loads its shards of the model and optimiser (the schedule is ppo-lm's, restored apart)."""
+    if dist.zero_stage(accelerator) is None:
+        return None
+
+    def load(path: Path) -> None:
+        loaded, _ = run_policy.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
+                                               load_module_strict=False)
+        if loaded is None:
+            raise UserError(f"DeepSpeed could not load its checkpoint {path}", str(path.parent))
+    return load
 
 
 def finish(run: Run, interrupted: bool) -> TrainResult:
     """After the last iteration: the training plot and the final model (unless interrupted), trackers closed."""
     run.accelerator.wait_for_everyone()
-    if run.accelerator.is_main_process and not interrupted:
-        if run.history:
-            plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
-        if run.cfg.train.save_final:
-            save_policy(run.model, run.tokenizer, run.out / "final")
+    if run.accelerator.is_main_process and not interrupted and run.history:
+        plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
+    if run.cfg.train.save_final and not interrupted:
+        with dist.whole(run.accelerator, run.policy):  # ZeRO-3's shards gathered: a full transformers model
+            if run.accelerator.is_main_process:
+                save_policy(run.model, run.tokenizer, run.out / "final")
     for tracker in run.accelerator.trackers:  # not end_training(): it ends the process group, which the
         tracker.finish()                       # pipeline's later stages (and a caller's next run) still use
     return TrainResult(policy=run.model, tokenizer=run.tokenizer, metrics=run.history, output_dir=run.out,

@@ -33,14 +33,16 @@ acc, state = run.accelerator, run.state
 batch = 16  # the global batch: every process samples all of it alike, then keeps its rows
 prompts, prompt_ids, fields = run.dataset.batch(list(range(batch)))
 torch.manual_seed(1234)
-full = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout, device=acc.device,
-               forward_batch_size=batch)
+with dist.whole(acc, run.policy):
+    full = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout, device=acc.device,
+                   forward_batch_size=batch)
 mine = full.rows(list(range(acc.process_index, batch, acc.num_processes)))
 raw = score(mine, run.reward, acc)
 scored = advantages(mine, raw, shape(mine, raw, state, cfg, acc), state.kl_controller.value, cfg.ppo,
                     reduce=dist.summer(acc))
 stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
-if acc.is_main_process:
-    save_file({k: p.detach().contiguous() for k, p in run.model.named_parameters() if p.requires_grad}, out)
-    print("policy_loss", stats["policy_loss"], "lr", run.scheduler.get_last_lr()[0], flush=True)
+with dist.whole(acc, run.policy):  # ZeRO-3's shards gathered
+    if acc.is_main_process:
+        save_file({k: p.detach().clone() for k, p in run.model.named_parameters() if p.requires_grad}, out)
+        print("policy_loss", stats["policy_loss"], "lr", run.scheduler.get_last_lr()[0], flush=True)
 acc.wait_for_everyone()
