@@ -13,10 +13,12 @@ Each role is counted from its parameter count (the model built on the ``meta`` d
   log-softmax and its gradient);
 - **generation**: the KV cache of one generation batch over prompt + response.
 
-Strategies over ``gpus`` devices: ``ddp`` (all replicated, plus DDP's gradient buckets), ``zero2`` (gradients and optimiser states
-sharded), ``zero3`` / FSDP (weights too, frozen models included), ``zero3-offload`` (optimiser states and
-weights in CPU memory). ppo-lm runs ``ddp`` today; the others are estimated for planning and marked as not
-built. A device also holds its runtime (``overhead_gib``: about 1 GiB for a CUDA context).
+Strategies over ``gpus`` devices, as ppo-lm runs them (examples/accelerate/): ``ddp`` (all replicated, plus DDP's
+gradient buckets), ``zero2`` (DeepSpeed: gradients and optimiser states sharded), ``zero3`` (the trainable
+weights too; the reference and reward models stay whole on every device, and the policy's weights are gathered
+whole for each rollout, so generation's working set includes them), ``zero3-offload`` (optimiser states and
+weights in CPU memory, gathered onto the device for the rollout). A device also holds its runtime
+(``overhead_gib``: about 1 GiB for a CUDA context).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from .config import Config
 GIB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3-offload")
-RUNS_TODAY = {"ddp"}  #: the strategies ppo-lm trains with (docs/scaling.md)
 
 
 @dataclass
@@ -116,23 +117,27 @@ def activations(cfg: Config, m: Shape, prompt_tokens: int | None = None) -> dict
 
 def per_device(parts: dict[str, dict[str, float]], acts: dict[str, float], strategy: str, gpus: int) -> dict:
     """Bytes on each device under ``strategy``: the roles' sharded and replicated parts, and the larger of the
-    training and generation working sets (they do not live at once)."""
-    shard = {"ddp": set(), "zero2": {"grads", "optim"}, "zero3": {"grads", "optim", "weights", "frozen"},
-             "zero3-offload": {"grads", "weights", "frozen"}}[strategy]
+    training and generation working sets (they do not live at once). Under ZeRO-3 the rollout gathers the
+    trainable models' weights whole: the part of them a device does not hold counts in generation's set."""
+    shard = {"ddp": set(), "zero2": {"grads", "optim"}, "zero3": {"grads", "optim", "weights"},
+             "zero3-offload": {"grads", "weights"}}[strategy]
     offloaded = {"optim", "weights"} if strategy == "zero3-offload" else set()
-    out = {}
+    out, gathered = {}, 0.0
     for role, kinds in parts.items():
         out[role] = sum(0.0 if k in offloaded else v / gpus if k in shard else v for k, v in kinds.items())
         if strategy == "ddp" and gpus > 1:  # DDP's gradient buckets: a second copy of the gradients
             out[role] += kinds.get("grads", 0.0)
-    out["activations"] = max(acts.values())
+        if "weights" in shard:
+            weights = kinds.get("weights", 0.0)
+            gathered += weights - (0.0 if "weights" in offloaded else weights / gpus)
+    out["activations"] = max(acts["training"], acts["generation"] + gathered)
     return out
 
 
 def plan(cfg: Config, gpus: int, gpu_memory_gib: float, overhead_gib: float = 1.0,
          prompt_tokens: int | None = None) -> dict:
     """Every strategy's estimate per device (GiB, by role) and the recommendation: the least sharded strategy
-    that ppo-lm runs and that fits in 90% of ``gpu_memory_gib``, or what to change when none does.
+    that fits in 90% of ``gpu_memory_gib``, or what to change when none does.
     ``prompt_tokens``: see :func:`activations`."""
     from .trainer import models_of
 
@@ -149,18 +154,16 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float, overhead_gib: float = 1.
     for strategy in STRATEGIES:
         by_role = {k: round(v / GIB, 3) for k, v in per_device(parts, acts, strategy, gpus).items()}
         total = round(sum(by_role.values()) + overhead_gib, 3)
-        estimates[strategy] = {"total_gib": total, "fits": total <= budget, "runs_in_ppo_lm": strategy in RUNS_TODAY,
-                               "by_role_gib": by_role}
-    pick = next((s for s in STRATEGIES if estimates[s]["fits"] and s in RUNS_TODAY), None)
+        estimates[strategy] = {"total_gib": total, "fits": total <= budget, "by_role_gib": by_role}
+    pick = next((s for s in STRATEGIES if estimates[s]["fits"]), None)
     if pick is not None:
-        advice = f"{pick}: {estimates[pick]['total_gib']:.1f} GiB of {gpu_memory_gib:g} GiB per device"
+        advice = (f"{pick}: {estimates[pick]['total_gib']:.1f} GiB of {gpu_memory_gib:g} GiB per device "
+                  f"(launch with examples/accelerate/{pick}.yaml)")
     else:
-        would = next((s for s in STRATEGIES if estimates[s]["fits"]), None)
         hints = [h for h, on in (("model.lora.enabled: true", not cfg.model.lora.enabled),
                                  ("model.gradient_checkpointing: true", not cfg.model.gradient_checkpointing),
                                  ("a larger ppo.gradient_accumulation_steps (smaller micro-batches)", True)) if on]
-        advice = (f"nothing ppo-lm runs today fits in {gpu_memory_gib:g} GiB per device"
-                  + (f" ({would} would, not built yet)" if would else "") + "; try " + ", ".join(hints))
+        advice = f"nothing fits in {gpu_memory_gib:g} GiB per device; try " + ", ".join(hints)
     return {"model": cfg.model.name_or_path, "policy_params": policy.params, "lora_params": policy.lora_params,
             "gpus": gpus, "gpu_memory_gib": gpu_memory_gib, "overhead_gib": overhead_gib,
             "prompt_tokens": prompt_tokens or cfg.data.max_prompt_tokens,
@@ -171,9 +174,9 @@ def plan(cfg: Config, gpus: int, gpu_memory_gib: float, overhead_gib: float = 1.
 def table(result: dict) -> str:
     """The estimates as a plain-text table, one row a strategy, one column a role."""
     roles_ = list(next(iter(result["estimates"].values()))["by_role_gib"])
-    head = ["strategy", *roles_, "total GiB", "fits", "ppo-lm"]
-    rows = [[s, *(f"{e['by_role_gib'][r]:.2f}" for r in roles_), f"{e['total_gib']:.2f}", "yes" if e["fits"] else "no",
-             "runs" if e["runs_in_ppo_lm"] else "not built"] for s, e in result["estimates"].items()]
+    head = ["strategy", *roles_, "total GiB", "fits"]
+    rows = [[s, *(f"{e['by_role_gib'][r]:.2f}" for r in roles_), f"{e['total_gib']:.2f}",
+             "yes" if e["fits"] else "no"] for s, e in result["estimates"].items()]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), *map(line, rows)])
