@@ -190,13 +190,18 @@ def test_stage_data_is_shared_out_between_processes():
 
 
 @pytest.mark.slow
-def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, tmp_path):
-    """SFT -> reward model -> PPO -> evaluation under torchrun: each stage trains on its share of the data and
-    only process 0 writes and prints."""
+@pytest.mark.parametrize("launch", ["torchrun", "zero3.yaml"])
+def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, tmp_path, launch):
+    """SFT -> reward model -> PPO -> evaluation under torchrun (DDP) and under `accelerate launch` with ZeRO-3
+    (every stage's model sharded, saved whole): each stage trains on its share of the data and only process 0
+    writes and prints."""
     from test_stages import write_pipeline
 
+    if launch != "torchrun":
+        pytest.importorskip("deepspeed")
     pipe = write_pipeline(tmp_path, tiny_model_dir, n_examples=32, n_prompts=16, batch_size=4)
-    done = torchrun("-m", "ppo_lm.cli", "pipeline", pipe, cwd=tmp_path)
+    done = (torchrun("-m", "ppo_lm.cli", "pipeline", pipe, cwd=tmp_path) if launch == "torchrun"
+            else accelerate_launch(launch, "pipeline", pipe, cwd=tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     root = tmp_path / "p"
     for stage in ("sft", "reward_model"):
@@ -206,6 +211,9 @@ def test_the_pipeline_on_two_processes_writes_one_set_of_files(tiny_model_dir, t
     assert [r["iteration"] for r in metrics(root / "ppo")] == [1, 2]
     assert (root / "eval" / "compare.md").exists() and (root / "summary.json").exists()
     assert done.stderr.count("[sft] supervised fine-tuning") == 1 and done.stderr.count("epoch 2:") == 2  # sft, rm
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    sft = load_file(str(root / "sft" / "final" / "model.safetensors"))
+    assert all(sft[k].shape == start[k].shape for k in start)  # whole, not ZeRO-3's shards
 
 
 @pytest.mark.parametrize("name, engine, stage", [("ddp", "MULTI_GPU", None), ("zero2", "DEEPSPEED", 2),
@@ -325,12 +333,16 @@ def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused():
     from ppo_lm.errors import UserError
 
     ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 2.0}
-    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+    acc = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=2, gradient_accumulation_steps=3,
                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=ds)))
     with pytest.raises(UserError, match=r"ppo.max_grad_norm: the DeepSpeed config sets gradient_clipping=2.0"):
         dist.fit_engine(acc, micro_batch=4, max_grad_norm=1.0)
     dist.fit_engine(acc, micro_batch=4, max_grad_norm=2.0)
-    assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0}
+    assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0, "gradient_accumulation_steps": 3,
+                  "train_batch_size": 4 * 3 * 2}
+    acc.gradient_accumulation_steps = 1  # the next stage of a pipeline fills them anew
+    dist.fit_engine(acc, micro_batch=2, max_grad_norm=2.0)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["train_batch_size"] == 4
 
 
 def test_an_fsdp_launch_is_refused(tiny_model_dir, tmp_path):

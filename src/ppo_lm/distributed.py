@@ -116,23 +116,30 @@ def zero_stage(accelerator) -> int | None:
 def fit_engine(accelerator, *, micro_batch: int, max_grad_norm: float | None) -> None:
     """Fill the DeepSpeed config's ``auto`` entries that accelerate takes from a DataLoader (PPO has none) or
     would fill with its own default (gradient clipping 1.0) from the run's config; an entry the DeepSpeed config
-    sets to another value than the run's is refused, since the two would disagree on what is trained."""
+    sets to another value than the run's is refused, since the two would disagree on what is trained. The
+    entries are filled anew for each stage of a pipeline (the stages share one DeepSpeed config)."""
     if zero_stage(accelerator) is None:
         return
-    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    plugin = accelerator.state.deepspeed_plugin
+    ds = plugin.deepspeed_config
+    given = plugin.__dict__.setdefault("_ppo_lm_given", {k: ds.get(k, "auto") for k in (
+        "train_micro_batch_size_per_gpu", "gradient_clipping", "gradient_accumulation_steps", "train_batch_size")})
+    accumulation = accelerator.gradient_accumulation_steps
     for key, value, field in (("train_micro_batch_size_per_gpu", micro_batch, "ppo.num_minibatches"),
-                              ("gradient_clipping", float(max_grad_norm or 0.0), "ppo.max_grad_norm")):
-        have = ds.get(key, "auto")
-        if have == "auto":
+                              ("gradient_clipping", float(max_grad_norm or 0.0), "ppo.max_grad_norm"),
+                              ("gradient_accumulation_steps", accumulation, "ppo.gradient_accumulation_steps"),
+                              ("train_batch_size", micro_batch * accumulation * world(accelerator),
+                               "rollout.batch_size")):
+        if given[key] == "auto":
             ds[key] = value
-        elif float(have) != float(value):
-            raise UserError(f"the DeepSpeed config sets {key}={have}, the run's config asks for {value}: set it to "
-                            "'auto' there (ppo-lm fills it)", field)
+        elif float(given[key]) != float(value):
+            raise UserError(f"the DeepSpeed config sets {key}={given[key]}, the run's config asks for {value}: set "
+                            "it to 'auto' there (ppo-lm fills it)", field)
 
 
 @contextlib.contextmanager
 def whole(accelerator, engine):
-    """The model's weights whole on every process for the block: under ZeRO-3 each process holds a shard, and
+    """The weights of ``engine`` (as accelerate prepared it, or the module inside) whole on every process for the block: under ZeRO-3 each process holds a shard, and
     gathering them once (for a rollout's generation and scoring, or to save) is what makes sampling fast; DeepSpeed's
     per-module hooks, which would gather and release every layer at every token, are off meanwhile. Elsewhere
     (DDP, ZeRO-2) the weights are already whole and this does nothing."""
@@ -141,8 +148,8 @@ def whole(accelerator, engine):
         return
     import deepspeed
 
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)  # the engine's, if given
+    with deepspeed.zero.GatheredParameters(list(getattr(engine, "module", engine).parameters())):
         if offload is not None:
             offload._remove_module_hooks()
             offload.forward_hooks.clear(), offload.backward_hooks.clear()  # re-registered below

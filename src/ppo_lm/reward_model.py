@@ -25,7 +25,7 @@ from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
 from .models import apply_lora, load_pretrained, load_tokenizer
 from .rewards.model import ENCODING_KEY, encode_for_reward
-from .distributed import on_main
+from .distributed import on_main, whole
 from .sft import (OptimConfig, StageRunConfig, fit, micro_batches, split_records, stage_accelerator, start_files,
                   validate_stage, write_final)
 from .tracking import MetricsLog
@@ -142,7 +142,8 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     summary = {"mode": d.mode, "train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_accuracy_before": rows[0].get("eval_accuracy"), "eval_accuracy_after": rows[-1].get("eval_accuracy"),
                "output": str(final)}
-    on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
+    with whole(accelerator, model):  # ZeRO-3's shards gathered
+        on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
     return summary
 
 

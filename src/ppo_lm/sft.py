@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
-from .distributed import accelerator_for, global_mean, on_main
+from .distributed import accelerator_for, fit_engine, global_mean, on_main, whole
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -175,6 +175,8 @@ def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_st
     scheduler = get_scheduler(optim.lr_schedule, optimizer, num_warmup_steps=optim.warmup_steps,
                               num_training_steps=max(1, optim.epochs * n_steps_per_epoch))
     # the schedule stays unprepared: accelerate would step it once per process at each optimiser step
+    fit_engine(accelerator, micro_batch=optim.batch_size // optim.gradient_accumulation_steps,
+               max_grad_norm=optim.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     rows = [{"epoch": 0, "train_loss": None, **evaluate(), "time_s": 0.0}]
     log.log(rows[0], step=0)
@@ -309,5 +311,6 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     summary = {"train_examples": len(train_set), "eval_examples": len(eval_set),
                "eval_loss_before": rows[0].get("eval_loss"), "eval_loss_after": rows[-1].get("eval_loss"),
                "output": str(out / "final")}
-    on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
+    with whole(accelerator, model):  # ZeRO-3's shards gathered
+        on_main(accelerator, lambda: write_final(model, tokenizer, out, summary), "train.output_dir")
     return summary
