@@ -315,6 +315,7 @@ def test_deepspeed_example_configs_train_resume_and_save_a_model(tiny_model_dir,
     assert "resuming from" in resumed.stderr
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
     assert [r["iteration"] for r in b] == [1, 2, 3] and a == b
+    assert all(r["nonfinite_skips"] == 0 and r["grad_norm"] > 0 for r in a)  # DeepSpeed's norm reached ppo-lm
     wa = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "cut" / "final" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
