@@ -516,27 +516,27 @@ def save_checkpoint(run: Run) -> Path | None:
         run.policy.save_checkpoint(str(staged), tag="engine", exclude_frozen_parameters=True)
         acc.wait_for_everyone()
         move = lambda tmp: (staged / "engine").rename(tmp / "engine")  # noqa: E731
-    with dist.whole(acc, run.policy):  # the trainable weights whole, to read without DeepSpeed
-        weights = {k: p.detach().clone() for k, p in run.model.named_parameters() if p.requires_grad} \
-            if acc.is_main_process else {}
-    path = dist.on_main(acc, lambda: ckpt.save(
-        run.out / "checkpoints", iteration, model_state=weights,
-        optimizer_state=run.optimizer.state_dict() if move is None else {}, scheduler_state=run.scheduler.state_dict(),
-        trainer_state=run.state.state_dict(), rng=rngs[0], process_rngs=rngs[1:], config=run.cfg.to_dict(),
-        version=__version__, keep=run.cfg.train.keep_checkpoints, write_hook=move), "train.checkpoint_every")
+    with dist.whole(acc, run.policy):  # ZeRO-3: the trainable weights whole, readable without DeepSpeed
+        path = dist.on_main(acc, lambda: ckpt.save(
+            run.out / "checkpoints", iteration,
+            model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
+            optimizer_state=run.optimizer.state_dict() if move is None else {},
+            scheduler_state=run.scheduler.state_dict(), trainer_state=run.state.state_dict(), rng=rngs[0],
+            process_rngs=rngs[1:], config=run.cfg.to_dict(), version=__version__,
+            keep=run.cfg.train.keep_checkpoints, write_hook=move), "train.checkpoint_every")
     if acc.is_main_process:
         shutil.rmtree(staged, ignore_errors=True)
     return path
 
 
-def load_engine(run_policy, accelerator):
+def load_engine(policy, accelerator):
     """The ``load_engine`` of :func:`ppo_lm.checkpoint.restore` under DeepSpeed (None elsewhere): every process
     loads its shards of the model and optimiser (the schedule is ppo-lm's, restored apart)."""
     if dist.zero_stage(accelerator) is None:
         return None
 
     def load(path: Path) -> None:
-        loaded, _ = run_policy.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
+        loaded, _ = policy.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
                                                load_module_strict=False)
         if loaded is None:
             raise UserError(f"DeepSpeed could not load its checkpoint {path}", str(path.parent))
