@@ -153,7 +153,6 @@ def test_eval_and_compare_cli(tiny_model_dir, tmp_path):
     assert single.returncode == 0 and json.loads(single.stdout.strip().splitlines()[-1])["samples"] == 4
 
 
-@pytest.mark.slow
 def write_pipeline(tmp_path, model_dir, n_examples: int = 64, n_prompts: int = 32, batch_size: int = 8):
     """A pipeline over the tiny model (SFT and reward model 2 epochs each, PPO 2 iterations, eval on 8 prompts)
     writing under ``tmp_path / "p"``; returns its pipe.yaml."""
@@ -178,6 +177,7 @@ def write_pipeline(tmp_path, model_dir, n_examples: int = 64, n_prompts: int = 3
     return tmp_path / "pipe.yaml"
 
 
+@pytest.mark.slow
 def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
     write_pipeline(tmp_path, tiny_model_dir)
     first = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
