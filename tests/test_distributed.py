@@ -20,6 +20,7 @@ from test_reliability import metrics, wait_for_rows, write_run
 
 HERE = Path(__file__).parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 # one thread a process: two processes share the two cores of the test machine
 DIST_ENV = {**ENV, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), str(HERE)])}
 LIMIT = 300  # seconds; a 2-process run of these sizes takes under a minute
@@ -166,7 +167,7 @@ def test_two_processes_sigkill_then_resume_equals_uninterrupted_run(tiny_model_d
 def test_an_accelerate_launch_that_runs_one_process_is_refused(tiny_model_dir, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process on a machine without GPUs."""
     cfg = write_run(tmp_path, tiny_model_dir, "run", 1)
-    done = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2",
+    done = subprocess.run([ACCELERATE, "launch", "--cpu", "--num_processes", "2",
                            "-m", "ppo_lm.cli", "train", str(cfg)], capture_output=True, text=True, cwd=tmp_path,
                           env=DIST_ENV, timeout=LIMIT)
     assert done.returncode == 2 or "exit status 2" in done.stderr, done.stderr[-3000:]
@@ -289,7 +290,7 @@ def test_deepspeed_makes_the_same_update_as_one_process(tiny_model_dir, tmp_path
 
 
 def accelerate_launch(config: str, *args, cwd):
-    return subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+    return subprocess.run([ACCELERATE, "launch", "--config_file",
                            str(HERE.parent / "examples" / "accelerate" / config), "-m", "ppo_lm.cli", *map(str, args)],
                           capture_output=True, text=True, cwd=cwd, env={**DIST_ENV, "DS_ACCELERATOR": "cpu"},
                           timeout=LIMIT)
@@ -338,6 +339,10 @@ def test_a_deepspeed_config_that_disagrees_with_the_run_is_refused():
                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=2, deepspeed_config=ds)))
     with pytest.raises(UserError, match=r"ppo.max_grad_norm: the DeepSpeed config sets gradient_clipping=2.0"):
         dist.fit_engine(acc, micro_batch=4, max_grad_norm=1.0)
+    from ppo_lm.sft import STAGE_FIELDS
+
+    with pytest.raises(UserError, match=r"optim.max_grad_norm: the DeepSpeed config sets gradient_clipping"):
+        dist.fit_engine(acc, micro_batch=4, max_grad_norm=1.0, fields=STAGE_FIELDS)  # an SFT or reward-model stage
     dist.fit_engine(acc, micro_batch=4, max_grad_norm=2.0)
     assert ds == {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 2.0, "gradient_accumulation_steps": 3,
                   "train_batch_size": 4 * 3 * 2}

@@ -113,43 +113,47 @@ def zero_stage(accelerator) -> int | None:
     return int(accelerator.state.deepspeed_plugin.zero_stage)
 
 
-def fit_engine(accelerator, *, micro_batch: int, max_grad_norm: float | None) -> None:
+PPO_FIELDS = {"train_micro_batch_size_per_gpu": "ppo.num_minibatches", "gradient_clipping": "ppo.max_grad_norm",
+              "gradient_accumulation_steps": "ppo.gradient_accumulation_steps", "train_batch_size": "rollout.batch_size"}
+
+
+def fit_engine(accelerator, *, micro_batch: int, max_grad_norm: float | None, fields: dict = PPO_FIELDS) -> None:
     """Fill the DeepSpeed config's ``auto`` entries that accelerate takes from a DataLoader (PPO has none) or
     would fill with its own default (gradient clipping 1.0) from the run's config; an entry the DeepSpeed config
     sets to another value than the run's is refused, since the two would disagree on what is trained. The
-    entries are filled anew for each stage of a pipeline (the stages share one DeepSpeed config)."""
+    entries are filled anew for each stage of a pipeline (the stages share one DeepSpeed config). ``fields`` names
+    the run's config field behind each entry, for the error."""
     if zero_stage(accelerator) is None:
         return
     plugin = accelerator.state.deepspeed_plugin
     ds = plugin.deepspeed_config
-    given = plugin.__dict__.setdefault("_ppo_lm_given", {k: ds.get(k, "auto") for k in (
-        "train_micro_batch_size_per_gpu", "gradient_clipping", "gradient_accumulation_steps", "train_batch_size")})
+    given = plugin.__dict__.setdefault("_ppo_lm_given", {k: ds.get(k, "auto") for k in PPO_FIELDS})
     accumulation = accelerator.gradient_accumulation_steps
-    for key, value, field in (("train_micro_batch_size_per_gpu", micro_batch, "ppo.num_minibatches"),
-                              ("gradient_clipping", float(max_grad_norm or 0.0), "ppo.max_grad_norm"),
-                              ("gradient_accumulation_steps", accumulation, "ppo.gradient_accumulation_steps"),
-                              ("train_batch_size", micro_batch * accumulation * world(accelerator),
-                               "rollout.batch_size")):
+    wanted = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_clipping": float(max_grad_norm or 0.0),
+              "gradient_accumulation_steps": accumulation,
+              "train_batch_size": micro_batch * accumulation * world(accelerator)}
+    for key, value in wanted.items():
         if given[key] == "auto":
             ds[key] = value
         elif float(given[key]) != float(value):
             raise UserError(f"the DeepSpeed config sets {key}={given[key]}, the run's config asks for {value}: set "
-                            "it to 'auto' there (ppo-lm fills it)", field)
+                            "it to 'auto' there (ppo-lm fills it)", fields[key])
 
 
 @contextlib.contextmanager
-def whole(accelerator, engine):
-    """The weights of ``engine`` (as accelerate prepared it, or the module inside) whole on every process for the block: under ZeRO-3 each process holds a shard, and
-    gathering them once (for a rollout's generation and scoring, or to save) is what makes sampling fast; DeepSpeed's
-    per-module hooks, which would gather and release every layer at every token, are off meanwhile. Elsewhere
-    (DDP, ZeRO-2) the weights are already whole and this does nothing."""
+def whole(accelerator, model):
+    """The weights of ``model`` (as accelerate prepared it, or the module inside) whole on every process for the
+    block: under ZeRO-3 each process holds a shard, and gathering them once (for a rollout's generation and
+    scoring, or to save) is what makes sampling fast; the engine's per-module hooks, which would gather and release
+    every layer at every token, are off meanwhile. Elsewhere (DDP, ZeRO-2) the weights are already whole and this
+    does nothing."""
     if zero_stage(accelerator) != 3:
         yield
         return
     import deepspeed
 
-    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)  # the engine's, if given
-    with deepspeed.zero.GatheredParameters(list(getattr(engine, "module", engine).parameters())):
+    offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)  # the engine's, if given
+    with deepspeed.zero.GatheredParameters(list(getattr(model, "module", model).parameters())):
         if offload is not None:
             offload._remove_module_hooks()
             offload.forward_hooks.clear(), offload.backward_hooks.clear()  # re-registered below

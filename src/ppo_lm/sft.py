@@ -157,6 +157,11 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return loss, int((labels != IGNORE).sum())
 
 
+STAGE_FIELDS = {"train_micro_batch_size_per_gpu": "optim.batch_size", "gradient_clipping": "optim.max_grad_norm",
+                "gradient_accumulation_steps": "optim.gradient_accumulation_steps",
+                "train_batch_size": "optim.batch_size"}  #: the stage's fields behind DeepSpeed's entries
+
+
 def stage_accelerator(run: StageRunConfig, optim: OptimConfig, console):
     """The stage's ``Accelerator`` (made after the output folder is checked, before anything is written). On
     several processes, only the main one prints and writes."""
@@ -176,7 +181,7 @@ def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_st
                               num_training_steps=max(1, optim.epochs * n_steps_per_epoch))
     # the schedule stays unprepared: accelerate would step it once per process at each optimiser step
     fit_engine(accelerator, micro_batch=optim.batch_size // optim.gradient_accumulation_steps,
-               max_grad_norm=optim.max_grad_norm)
+               max_grad_norm=optim.max_grad_norm, fields=STAGE_FIELDS)
     model, optimizer = accelerator.prepare(model, optimizer)
     rows = [{"epoch": 0, "train_loss": None, **evaluate(), "time_s": 0.0}]
     log.log(rows[0], step=0)

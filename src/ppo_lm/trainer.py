@@ -524,8 +524,8 @@ def save_checkpoint(run: Run) -> Path | None:
             scheduler_state=run.scheduler.state_dict(), trainer_state=run.state.state_dict(), rng=rngs[0],
             process_rngs=rngs[1:], config=run.cfg.to_dict(), version=__version__,
             keep=run.cfg.train.keep_checkpoints, write_hook=move), "train.checkpoint_every")
-    if acc.is_main_process:
-        shutil.rmtree(staged, ignore_errors=True)
+    if move is not None and acc.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)  # what DeepSpeed wrote beside its engine/ (its `latest`, ...)
     return path
 
 

@@ -43,6 +43,6 @@ scored = advantages(mine, raw, shape(mine, raw, state, cfg, acc), state.kl_contr
 stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
 with dist.whole(acc, run.policy):  # ZeRO-3's shards gathered
     if acc.is_main_process:
-        save_file({k: p.detach().clone() for k, p in run.model.named_parameters() if p.requires_grad}, out)
+        save_file({k: p.detach().contiguous() for k, p in run.model.named_parameters() if p.requires_grad}, out)
         print("policy_loss", stats["policy_loss"], "lr", run.scheduler.get_last_lr()[0], flush=True)
 acc.wait_for_everyone()
