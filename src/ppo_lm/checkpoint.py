@@ -253,24 +253,34 @@ def processes(path: Path) -> int:
     return 1 + len(list(path.glob("rng-process*.pt")))
 
 
+def engine_of(path: Path) -> str | None:
+    """The engine whose own checkpoint is in ``path/engine``: "fsdp2" (torch's distributed checkpoint, with its
+    ``.metadata``), "deepspeed", or None (no engine/: the optimiser state is ``optimizer.pt``)."""
+    folder = path / "engine"
+    if not folder.is_dir():
+        return None
+    return "fsdp2" if (folder / ".metadata").exists() else "deepspeed"
+
+
 def restore(found: Checkpoint, model: torch.nn.Module, optimizer, scheduler, trainer_state, generator,
             metrics_path: Path, *, rank: int = 0, world: int = 1, warn=print,
-            load_engine: Callable[[Path], None] | None = None) -> list[dict]:
+            engine: str | None = None, load_engine: Callable[[Path], None] | None = None) -> list[dict]:
     """Load a checkpoint into the live objects (the model's trainable parameters, optimiser, scheduler, the
     trainer's state object, this process's RNGs); cut ``metrics_path`` back to the checkpoint's iteration
-    (process 0 only) and return its rows. ``load_engine`` (under DeepSpeed) loads the model and optimiser from
-    the checkpoint's ``engine/`` instead. A run resumed on another number of processes than wrote the
-    checkpoint goes on, but not exactly as it would have (a warning says so)."""
+    (process 0 only) and return its rows. Under a sharding ``engine`` ("deepspeed" or "fsdp2"), ``load_engine``
+    loads the model and optimiser from the checkpoint's ``engine/`` instead. A run resumed on another number of
+    processes than wrote the checkpoint goes on, but not exactly as it would have (a warning says so)."""
     from .tracking import read_metrics
 
     data = load(found.path)
-    engine = found.path / "engine"
-    if engine.is_dir() != (load_engine is not None):
-        written = "under DeepSpeed" if engine.is_dir() else "without DeepSpeed"
-        raise UserError(f"the checkpoint was written {written}, and this run is not: its optimiser state is "
-                        "kept in another form; resume with the launch that wrote it", str(found.path))
+    written = engine_of(found.path)
+    if written != engine:
+        names = {None: "without a sharding engine", "deepspeed": "under DeepSpeed", "fsdp2": "under FSDP2"}
+        raise UserError(f"the checkpoint was written {names[written]}, and this run is {names[engine]}: its "
+                        "optimiser state is kept in another form; resume with the launch that wrote it",
+                        str(found.path))
     if load_engine is not None:
-        load_engine(engine)
+        load_engine(found.path / "engine")
     else:
         _load_weights(found.path, data["model"], model)
         optimizer.load_state_dict(data["optimizer"])

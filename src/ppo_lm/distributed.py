@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -85,6 +86,8 @@ def accelerator_for(console, *, cpu: bool, **kwargs):
         # counts one process while DeepSpeed connects them all
         cpu, kwargs = False, {**kwargs, "kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
     accelerator = Accelerator(cpu=cpu, **kwargs)
+    if engine() == "fsdp":
+        shard_with_fsdp2(accelerator)
     check_launch(accelerator)
     if zero_stage(accelerator) == 3:
         # every model loads whole (in CPU memory), not sharded at load by ZeRO-3's ``zero.Init``: the reference is
@@ -104,6 +107,40 @@ def engine() -> str:
         if os.environ.get(f"ACCELERATE_USE_{name.upper()}", "false").lower() == "true":
             return name
     return "ddp"
+
+
+def shard_with_fsdp2(accelerator) -> None:
+    """Under an FSDP launch, check that accelerate runs FSDP2, and run it on a CPU process group too.
+
+    accelerate turns an FSDP launch into ``DistributedType.FSDP`` on accelerators only; on CPU (gloo) it reports
+    ``MULTI_CPU`` and wraps nothing, although torch's ``fully_shard`` runs there. So on a CPU group the plugin
+    accelerate would have made from the launch's environment is installed in its state, and from then on the run
+    takes accelerate's own FSDP2 path (``prepare``, gradient clipping, no-sync accumulation) exactly as on GPUs."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables, as accelerate reads them
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+        # as accelerate does for its own FSDP state: the process state agrees (a later AcceleratorState() copies it)
+        PartialState().distributed_type = DistributedType.FSDP
+    if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
+        raise UserError(f"the launch asks for FSDP version {state.fsdp_plugin.fsdp_version}; ppo-lm runs FSDP2: set "
+                        "fsdp_version: 2 in the accelerate config (examples/accelerate/fsdp2.yaml)", "launch")
+
+
+def fsdp2(accelerator) -> bool:
+    """Whether accelerate shards the models with FSDP2 (``fully_shard``)."""
+    return accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2
+
+
+def sharded(accelerator) -> str | None:
+    """The engine that keeps each process's part of the model and optimiser in a checkpoint's ``engine/``:
+    "deepspeed" or "fsdp2"; None where every process holds them whole (one process, DDP)."""
+    return "deepspeed" if zero_stage(accelerator) is not None else "fsdp2" if fsdp2(accelerator) else None
 
 
 def zero_stage(accelerator) -> int | None:
@@ -143,10 +180,14 @@ def fit_engine(accelerator, *, micro_batch: int, max_grad_norm: float | None, fi
 @contextlib.contextmanager
 def whole(accelerator, model):
     """The weights of ``model`` (as accelerate prepared it, or the module inside) whole on every process for the
-    block: under ZeRO-3 each process holds a shard, and gathering them once (for a rollout's generation and
-    scoring, or to save) is what makes sampling fast; the engine's per-module hooks, which would gather and release
-    every layer at every token, are off meanwhile. Elsewhere (DDP, ZeRO-2) the weights are already whole and this
-    does nothing."""
+    block: under ZeRO-3 and FSDP2 each process holds a shard, and gathering them once (for a rollout's generation
+    and scoring, or to save) is what makes sampling fast; the engine's per-module gathering, which would gather and
+    release every layer at every token, is off meanwhile. Elsewhere (DDP, ZeRO-2) the weights are already whole and
+    this does nothing. The weights are read-only in the block: what is written to them is lost."""
+    if fsdp2(accelerator):
+        with _fsdp2_unsharded(accelerator, model):
+            yield
+        return
     if zero_stage(accelerator) != 3:
         yield
         return
@@ -162,6 +203,71 @@ def whole(accelerator, model):
         finally:
             if offload is not None:
                 offload.setup_zero_stage3_hooks()
+
+
+@contextlib.contextmanager
+def _fsdp2_unsharded(accelerator, model):
+    """FSDP2's parameters all-gathered once, and kept so through every forward in the block (each FSDP module
+    would otherwise reshard after its forward and all-gather again at the next token); resharded at the end. While
+    unsharded, the modules' registered parameters are the whole tensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = getattr(model, "module", model)
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if units:  # FSDP's root initialises the units at its first forward; the gathering below may come before it
+        root._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        reshard = bool(accelerator.state.fsdp_plugin.reshard_after_forward)
+        for unit in units:
+            unit.reshard()
+            # as fully_shard left them: the root keeps its weights after forward (backward needs them next)
+            unit.set_reshard_after_forward(reshard and unit is not root, recurse=False)
+
+
+def save_sharded(accelerator, policy, optimizer, folder: Path) -> None:
+    """Every process writes its part of the model and optimiser into ``folder``, in the engine's own checkpoint
+    format: DeepSpeed's ``save_checkpoint``, or torch's distributed checkpoint (DCP) of FSDP2's sharded state
+    dicts, which can also be loaded on another number of processes."""
+    if zero_stage(accelerator) is not None:
+        policy.save_checkpoint(str(folder.parent), tag=folder.name, exclude_frozen_parameters=True)
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_fsdp2_state(policy, optimizer), checkpoint_id=str(folder))
+    accelerator.wait_for_everyone()
+
+
+def load_sharded(accelerator, policy, optimizer, folder: Path) -> None:
+    """Load what :func:`save_sharded` wrote into the live model and optimiser (each process its part)."""
+    if zero_stage(accelerator) is not None:
+        loaded, _ = policy.load_checkpoint(str(folder.parent), tag=folder.name, load_lr_scheduler_states=False,
+                                           load_module_strict=False)
+        if loaded is None:
+            raise UserError(f"DeepSpeed could not load its checkpoint {folder}", str(folder.parent))
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = _fsdp2_state(policy, optimizer)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_state_dict(policy, _inner(optimizer), model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def _fsdp2_state(policy, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(policy, _inner(optimizer))
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _inner(optimizer):
+    """The torch optimiser inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def raise_together(accelerator, failure: UserError | None, elsewhere: UserError) -> None:
@@ -228,9 +334,6 @@ def asked_processes() -> tuple[int, str]:
 def check_launch(accelerator) -> None:
     """Refuse a launch whose processes are not one group: the launcher was asked for several processes while
     accelerate runs this one alone, so it would train alone (or beside others, unconnected, on the same files)."""
-    if engine() == "fsdp":  # accelerate on CPU ignores FSDP; on GPUs it would shard what ppo-lm cannot yet save
-        raise UserError("FSDP is not supported by ppo-lm yet (its sharded checkpoints are not written); use "
-                        "DeepSpeed ZeRO-3 for sharded weights: examples/accelerate/zero3.yaml", "launch")
     asked, said = asked_processes()
     if asked > 1 and world(accelerator) != asked:
         raise UserError(f"{said} asked for {asked} processes, but accelerate runs {world(accelerator)} "

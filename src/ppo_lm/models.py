@@ -68,6 +68,13 @@ class PolicyWithValue(nn.Module):
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         return self.value_head(out.last_hidden_state[:, -n_response - 1 : -1])
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The transformer-block classes of the trunks, as transformers names them for each model: what FSDP's
+        transformer-based wrap shards unit by unit (the policy and value head are not a transformers model)."""
+        trunks = [base_model(m) for m in (self.lm, self.critic) if m is not None]
+        return sorted({name for t in trunks for name in (getattr(t, "_no_split_modules", None) or [])})
+
     @contextlib.contextmanager
     def adapters_disabled(self):
         """The reference model, when the policy is a LoRA model: the same weights with adapters off."""

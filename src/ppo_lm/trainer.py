@@ -451,7 +451,8 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     if resume_from is not None:
         history = ckpt.restore(resume_from, model, optimizer, scheduler, state, generator, metrics_path,
                                rank=accelerator.process_index, world=accelerator.num_processes, warn=warn,
-                               load_engine=load_engine(policy, accelerator))
+                               engine=dist.sharded(accelerator),
+                               load_engine=load_engine(policy, optimizer, accelerator))
         console.print(f"resuming from {resume_from.path} (iteration {state.iteration})")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -504,19 +505,19 @@ def _models(cfg: Config, accelerator, warn):
 
 def save_checkpoint(run: Run) -> Path | None:
     """A checkpoint of everything an exact resume needs (written by the main process; others get None). Under
-    DeepSpeed every process first writes its shards of the model and optimiser with DeepSpeed's own checkpoint,
-    which the main process then moves into the checkpoint (``engine/``) before it is completed."""
+    DeepSpeed and FSDP2 every process first writes its part of the model and optimiser with the engine's own
+    checkpoint (:func:`ppo_lm.distributed.save_sharded`), which the main process then moves into the checkpoint
+    (``engine/``) before it is completed."""
     from . import __version__
 
     acc, iteration = run.accelerator, run.state.iteration
     acc.wait_for_everyone()
     rngs = dist.gather_list(acc, [ckpt.rng_state(run.generator)])  # each process resumes its own
     staged, move = run.out / "checkpoints" / f"engine-{iteration:06d}.tmp", None
-    if dist.zero_stage(acc) is not None:
-        run.policy.save_checkpoint(str(staged), tag="engine", exclude_frozen_parameters=True)
-        acc.wait_for_everyone()
+    if dist.sharded(acc) is not None:
+        dist.save_sharded(acc, run.policy, run.optimizer, staged / "engine")
         move = lambda tmp: (staged / "engine").rename(tmp / "engine")  # noqa: E731
-    with dist.whole(acc, run.policy):  # ZeRO-3: the trainable weights whole, readable without DeepSpeed
+    with dist.whole(acc, run.policy):  # the trainable weights whole, readable without DeepSpeed or FSDP
         path = dist.on_main(acc, lambda: ckpt.save(
             run.out / "checkpoints", iteration,
             model_state={k: p for k, p in run.model.named_parameters() if p.requires_grad},
@@ -525,22 +526,16 @@ def save_checkpoint(run: Run) -> Path | None:
             process_rngs=rngs[1:], config=run.cfg.to_dict(), version=__version__,
             keep=run.cfg.train.keep_checkpoints, write_hook=move), "train.checkpoint_every")
     if move is not None and acc.is_main_process:
-        shutil.rmtree(staged, ignore_errors=True)  # what DeepSpeed wrote beside its engine/ (its `latest`, ...)
+        shutil.rmtree(staged, ignore_errors=True)  # what the engine wrote beside its engine/ (DeepSpeed's `latest`)
     return path
 
 
-def load_engine(policy, accelerator):
-    """The ``load_engine`` of :func:`ppo_lm.checkpoint.restore` under DeepSpeed (None elsewhere): every process
-    loads its shards of the model and optimiser (the schedule is ppo-lm's, restored apart)."""
-    if dist.zero_stage(accelerator) is None:
+def load_engine(policy, optimizer, accelerator):
+    """The ``load_engine`` of :func:`ppo_lm.checkpoint.restore` under DeepSpeed or FSDP2 (None elsewhere): every
+    process loads its part of the model and optimiser (the schedule is ppo-lm's, restored apart)."""
+    if dist.sharded(accelerator) is None:
         return None
-
-    def load(path: Path) -> None:
-        loaded, _ = policy.load_checkpoint(str(path.parent), tag=path.name, load_lr_scheduler_states=False,
-                                               load_module_strict=False)
-        if loaded is None:
-            raise UserError(f"DeepSpeed could not load its checkpoint {path}", str(path.parent))
-    return load
+    return lambda path: dist.load_sharded(accelerator, policy, optimizer, path)
 
 
 def finish(run: Run, interrupted: bool) -> TrainResult:
@@ -549,7 +544,7 @@ def finish(run: Run, interrupted: bool) -> TrainResult:
     if run.accelerator.is_main_process and not interrupted and run.history:
         plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
     if run.cfg.train.save_final and not interrupted:
-        with dist.whole(run.accelerator, run.policy):  # ZeRO-3's shards gathered: a full transformers model
+        with dist.whole(run.accelerator, run.policy):  # ZeRO-3's or FSDP2's shards gathered: a whole model
             if run.accelerator.is_main_process:
                 save_policy(run.model, run.tokenizer, run.out / "final")
     for tracker in run.accelerator.trackers:  # not end_training(): it ends the process group, which the
