@@ -29,6 +29,7 @@ def test_roles_activations_and_sharding_by_hand(tiny_model_dir, tmp_path):
     # ZeRO-3 shards the trainable weights; the reference stays whole, as ppo-lm loads it
     assert on("zero3")["policy"] == 2000 + 2000 + 4000 and on("zero3")["reference"] == 4000
     assert on("zero3-offload")["policy"] == 2000 and on("zero3-offload")["reference"] == 4000
+    assert on("fsdp2") == on("zero3")  # FSDP2 shards and gathers as ZeRO-3 does
     # the rollout gathers the policy's weights whole: the half a device lacks (all of them, offloaded)
     sampling = {"training": 0.0, "generation": 100.0}
     assert plan.per_device(parts, sampling, "zero3", 2)["activations"] == 100 + 2000

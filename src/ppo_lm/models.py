@@ -368,14 +368,32 @@ def apply_lora(model: nn.Module, lora_cfg, task_type: str) -> nn.Module:
                                             target_modules=lora_cfg.target_modules, task_type=task_type, bias="none"))
 
 
-def save_merged(model: nn.Module, tokenizer, path: str | Path) -> Path:
-    """Save a model (LoRA adapters merged in first) and its tokenizer as a plain transformers folder."""
+def save_merged(model: nn.Module, tokenizer, path: str | Path, state_dict: dict | None = None) -> Path:
+    """Save a model (LoRA adapters merged in first) and its tokenizer as a plain transformers folder; the
+    weights are ``state_dict`` where given, else the model's own (gathered under FSDP2)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    model.save_pretrained(path, safe_serialization=True)
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict or gathered_state_dict(model))
     tokenizer.save_pretrained(path)
     return path
+
+
+def gathered_state_dict(model: nn.Module) -> dict | None:
+    """The weights of a model that FSDP2 shards, as the whole tensors it holds inside
+    :func:`ppo_lm.distributed.whole`; None (``state_dict()`` as usual) for any other model. FSDP2's
+    ``state_dict()`` always answers with shards (its hook reshards first), so the tensors are read directly:
+    parameters (tied ones once) and the persistent buffers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not any(isinstance(m, FSDPModule) for m in model.modules()):
+        return None
+    state = {name: p.detach().clone() for name, p in model.named_parameters()}  # a copy: saving may reshard
+    for prefix, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                state[f"{prefix}.{name}" if prefix else name] = buffer.clone()
+    return state
 
 
 def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
@@ -459,6 +477,8 @@ def save_policy(policy: PolicyWithValue, tokenizer, out_dir: str | Path) -> None
     from safetensors.torch import save_file
 
     lm = copy.deepcopy(policy.lm) if is_lora(policy) else policy.lm  # merging must not touch the live policy
-    out = save_merged(lm, tokenizer, out_dir)
-    save_file({k: v.detach().cpu().contiguous() for k, v in policy.value_head.state_dict().items()},
-              str(out / "value_head.safetensors"))
+    whole = gathered_state_dict(policy) or {}  # FSDP2's weights, read before saving reshards any of them
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in whole.items() if k.startswith(prefix)}  # noqa: E731
+    out = save_merged(lm, tokenizer, out_dir, state_dict=part("lm.") or None)
+    head = part("value_head.") or policy.value_head.state_dict()
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(out / "value_head.safetensors"))

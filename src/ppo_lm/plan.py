@@ -16,7 +16,8 @@ Each role is counted from its parameter count (the model built on the ``meta`` d
 Strategies over ``gpus`` devices, as ppo-lm runs them (examples/accelerate/): ``ddp`` (all replicated, plus DDP's
 gradient buckets), ``zero2`` (DeepSpeed: gradients and optimiser states sharded), ``zero3`` (the trainable
 weights too; the reference and reward models stay whole on every device, and the policy's weights are gathered
-whole for each rollout, so generation's working set includes them), ``zero3-offload`` (optimiser states and
+whole for each rollout, so generation's working set includes them), ``fsdp2`` (torch's ``fully_shard``: sharded
+as ZeRO-3 and gathered the same way), ``zero3-offload`` (optimiser states and
 weights in CPU memory, gathered onto the device for the rollout). A device also holds its runtime
 (``overhead_gib``: about 1 GiB for a CUDA context).
 """
@@ -29,7 +30,7 @@ from .config import Config
 
 GIB = 2 ** 30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STRATEGIES = ("ddp", "zero2", "zero3", "zero3-offload")
+STRATEGIES = ("ddp", "zero2", "zero3", "fsdp2", "zero3-offload")
 
 
 @dataclass
@@ -117,10 +118,10 @@ def activations(cfg: Config, m: Shape, prompt_tokens: int | None = None) -> dict
 
 def per_device(parts: dict[str, dict[str, float]], acts: dict[str, float], strategy: str, gpus: int) -> dict:
     """Bytes on each device under ``strategy``: the roles' sharded and replicated parts, and the larger of the
-    training and generation working sets (they do not live at once). Under ZeRO-3 the rollout gathers the
-    trainable models' weights whole: the part of them a device does not hold counts in generation's set."""
+    training and generation working sets (they do not live at once). Under ZeRO-3 and FSDP2 the rollout gathers
+    the trainable models' weights whole: the part of them a device does not hold counts in generation's set."""
     shard = {"ddp": set(), "zero2": {"grads", "optim"}, "zero3": {"grads", "optim", "weights"},
-             "zero3-offload": {"grads", "weights"}}[strategy]
+             "fsdp2": {"grads", "optim", "weights"}, "zero3-offload": {"grads", "weights"}}[strategy]
     offloaded = {"optim", "weights"} if strategy == "zero3-offload" else set()
     out, gathered = {}, 0.0
     for role, kinds in parts.items():

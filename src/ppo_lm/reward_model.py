@@ -25,7 +25,7 @@ from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
 from .models import apply_lora, load_pretrained, load_tokenizer
 from .rewards.model import ENCODING_KEY, encode_for_reward
-from .distributed import on_main, whole
+from .distributed import check_lora, on_main, whole
 from .sft import (OptimConfig, StageRunConfig, fit, micro_batches, split_records, stage_accelerator, start_files,
                   validate_stage, write_final)
 from .tracking import MetricsLog
@@ -119,6 +119,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)
     accelerator = stage_accelerator(cfg.train, cfg.optim, console)
+    check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
     d = cfg.data
     kind = "classifier" if is_classifier(cfg.model.name_or_path) else "causal"  # start from a classifier or an LM

@@ -23,7 +23,7 @@ import torch
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
 from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
-from .distributed import accelerator_for, fit_engine, global_mean, on_main, whole
+from .distributed import accelerator_for, check_lora, fit_engine, global_mean, on_main, whole
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
 from .tracking import MetricsLog
@@ -183,6 +183,7 @@ def fit(accelerator, model, train_batches: Callable[[int], Iterable[dict]], n_st
     fit_engine(accelerator, micro_batch=optim.batch_size // optim.gradient_accumulation_steps,
                max_grad_norm=optim.max_grad_norm, fields=STAGE_FIELDS)
     model, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]  # FSDP2 replaced them with its sharded ones
     rows = [{"epoch": 0, "train_loss": None, **evaluate(), "time_s": 0.0}]
     log.log(rows[0], step=0)
     console.print(f"before training: {json.dumps({k: v for k, v in rows[0].items() if v is not None})}")
@@ -286,6 +287,7 @@ def run(cfg: SFTConfig, *, records: list[dict] | None = None, console=None) -> d
     console = console or Console(stderr=True, soft_wrap=True)
     out = check_output_dir(cfg.train.output_dir)
     accelerator = stage_accelerator(cfg.train, cfg.optim, console)
+    check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
     check_causal_lm(cfg.model.name_or_path, "model.name_or_path", trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,

@@ -432,6 +432,7 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     accelerator = dist.accelerator_for(console, cpu=cfg.train.cpu, mixed_precision=cfg.train.mixed_precision,
                                        gradient_accumulation_steps=cfg.ppo.gradient_accumulation_steps,
                                        log_with=cfg.train.log_with or None, project_dir=str(out))
+    dist.check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
     tokenizer, dataset = _prompts(cfg, records, warn)
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
