@@ -383,23 +383,22 @@ def test_fsdp2_makes_the_same_update_as_one_process(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_trains_resumes_and_saves_a_model(tiny_model_dir, tmp_path):
-    """FSDP2 on CPU (2 processes, gloo, the example config's variables): 2 iterations, then resumed to 3 from its
-    checkpoint (each process's shards as a torch distributed checkpoint in engine/), equals 3 iterations straight:
-    metrics and final weights; the final model is a whole transformers model. The checkpoint does not resume
-    without FSDP (one line, exit 2)."""
+    """examples/accelerate/fsdp2.yaml under `accelerate launch` on CPU (2 processes, gloo): 2 iterations, then
+    resumed to 3 from its checkpoint (each process's shards as a torch distributed checkpoint in engine/), equals 3
+    iterations straight: metrics and final weights; the final model is a whole transformers model. The checkpoint
+    does not resume without FSDP (one line, exit 2)."""
     from transformers import AutoModelForCausalLM
 
-    straight = torchrun("-m", "ppo_lm.cli", "train", write_run(tmp_path, tiny_model_dir, "straight", 3), cwd=tmp_path,
-                        env=FSDP2)
+    straight = accelerate_launch("fsdp2.yaml", "train", write_run(tmp_path, tiny_model_dir, "straight", 3), cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     cut = write_run(tmp_path, tiny_model_dir, "cut", 3)
-    first = torchrun("-m", "ppo_lm.cli", "train", cut, "train.iterations=2", cwd=tmp_path, env=FSDP2)
+    first = accelerate_launch("fsdp2.yaml", "train", cut, "train.iterations=2", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp_path / "cut" / "checkpoints" / "ckpt-000002" / "engine" / ".metadata").is_file()
     plain = subprocess.run([sys.executable, "-m", "ppo_lm.cli", "train", str(cut), "--resume"], capture_output=True,
                            text=True, cwd=tmp_path, env=DIST_ENV, timeout=LIMIT)
     assert plain.returncode == 2 and "written under FSDP2, and this run is without a sharding engine" in plain.stderr
-    resumed = torchrun("-m", "ppo_lm.cli", "train", cut, "--resume", cwd=tmp_path, env=FSDP2)
+    resumed = accelerate_launch("fsdp2.yaml", "train", cut, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stderr
     a, b = metrics(tmp_path / "straight"), metrics(tmp_path / "cut")
