@@ -142,7 +142,7 @@ def check_lora(accelerator, enabled: bool) -> None:
 
 def fsdp2(accelerator) -> bool:
     """Whether accelerate shards the models with FSDP2 (``fully_shard``)."""
-    return accelerator.distributed_type.value == "FSDP" and accelerator.is_fsdp2
+    return accelerator.is_fsdp2  # accelerate's own test: DistributedType.FSDP with fsdp_version 2
 
 
 def sharded(accelerator) -> str | None:
