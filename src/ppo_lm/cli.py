@@ -159,16 +159,19 @@ def cmd_generate(args) -> int:
     _quiet_libraries()
     import torch
 
+    from .data import format_prompt, use_chat_template
     from .models import check_causal_lm, load_causal_lm, load_tokenizer
 
     check_causal_lm(args.model, "model")
     tokenizer = load_tokenizer(args.model, notice=lambda m: print(m, file=sys.stderr), field="model")
+    chat = use_chat_template(tokenizer, args.chat_template, field="--chat-template")
     model = load_causal_lm(args.model, field="model")
     model.eval()
     torch.manual_seed(args.seed)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
-        enc = tokenizer([prompt] * args.num_samples, return_tensors="pt", padding=True)
+        enc = tokenizer([format_prompt(tokenizer, prompt, chat)] * args.num_samples, return_tensors="pt",
+                        padding=True, add_special_tokens=not chat)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=args.temperature > 0, temperature=args.temperature or None,
                                  top_k=args.top_k, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
@@ -272,6 +275,8 @@ def _tool_commands(sub) -> None:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
+                   help="wrap each prompt as a user message in the tokenizer's chat template (auto: when it has one)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="time PPO iterations on a fixed configuration; prints one JSON line")

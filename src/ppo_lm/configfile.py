@@ -377,5 +377,5 @@ def _flatten_lines(raw: Any, prefix: str = "") -> dict[str, int]:
 
 
 def looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or Path(name).suffix in {".jsonl", ".json", ".csv", ".parquet", ".txt"} \
+    return name.startswith((".", "/", "~")) or Path(name).suffix in {".jsonl", ".json", ".csv", ".parquet", ".txt", ".gguf"} \
         or name.count("/") > 1 or Path(name).exists()

@@ -115,17 +115,51 @@ def right_padded(rows: list[list[int]], pad_id: int):
     return pad_right(rows, pad_id), pad_right([[1] * len(r) for r in rows], 0)
 
 
-def use_chat_template(tokenizer, mode: str) -> bool:
+def use_chat_template(tokenizer, mode: str, field: str = "data.chat_template") -> bool:
     has = getattr(tokenizer, "chat_template", None) is not None
     if mode == "on" and not has:
-        raise UserError("the tokenizer has no chat template", "data.chat_template")
+        raise UserError("the tokenizer has no chat template", field)
     return has if mode == "auto" else mode == "on"
 
 
-def format_prompt(tokenizer, text: str, chat: bool) -> str:
+#: The field a conversational record keeps its turns in (the layout of TRL and the hub's chat datasets).
+MESSAGES = "messages"
+
+
+def check_messages(value, where: str, field: str = MESSAGES) -> list[dict]:
+    """A conversation as the chat templates take it: a non-empty list of ``{"role", "content"}`` string pairs."""
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    if not ok:
+        raise UserError(f"field {field!r} must be a non-empty list of messages, each "
+                        '{"role": "...", "content": "..."} with string values', where)
+    return value
+
+
+def format_prompt(tokenizer, prompt: str | list[dict], chat: bool) -> str:
+    """The text the model is given for a prompt: a string as it is (or as the one user message of the chat
+    template, with ``chat``), a conversation (a list of messages) through the chat template, ending with the
+    assistant's turn opened."""
+    if isinstance(prompt, list):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     if not chat:
-        return text
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def conversation_prompt(value, chat: bool, where: str, field: str) -> list[dict]:
+    """A conversation used as a prompt: checked, its last assistant turn (a demonstration, where the record has
+    one) dropped, so that the policy answers the last user turn; it needs the chat template."""
+    messages = check_messages(value, where, field)
+    if not chat:
+        raise UserError(f"field {field!r} holds a conversation, which needs the tokenizer's chat template "
+                        "(the tokenizer has none, or data.chat_template is off)", where)
+    if messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    if not messages:
+        raise UserError(f"field {field!r} holds only an assistant turn: there is nothing to answer", where)
+    return messages
 
 
 def build_prompt_dataset(records: list[dict], tokenizer, data_cfg, *, source: str | None = None,
@@ -139,13 +173,19 @@ def build_prompt_dataset(records: list[dict], tokenizer, data_cfg, *, source: st
     for i, record in enumerate(records):
         line = record.get("__line__", i + 1)
         where = f"{source}:{line}"
-        if data_cfg.prompt_field not in record:
+        key = data_cfg.prompt_field if data_cfg.prompt_field in record or MESSAGES not in record else MESSAGES
+        if key not in record:
             known = ", ".join(k for k in record if k != "__line__")
-            raise UserError(f"record has no field {data_cfg.prompt_field!r} (data.prompt_field; it has: {known})", where)
-        text = record[data_cfg.prompt_field]
-        if not isinstance(text, str):
-            raise UserError(f"field {data_cfg.prompt_field!r} must be a string, got {type(text).__name__}", where)
-        raw, text = text, format_prompt(tokenizer, text, chat)
+            raise UserError(f"record has no field {data_cfg.prompt_field!r} (data.prompt_field; it has: {known}) "
+                            f"and no {MESSAGES!r}", where)
+        text = record[key]
+        if isinstance(text, list):  # a conversation: the rewards see its last turn, the model all of it
+            messages = conversation_prompt(text, chat, where, key)
+            raw, text = messages[-1]["content"], format_prompt(tokenizer, messages, chat)
+        elif isinstance(text, str):
+            raw, text = text, format_prompt(tokenizer, text, chat)
+        else:
+            raise UserError(f"field {key!r} must be a string or a list of messages, got {type(text).__name__}", where)
         tokens = tokenizer(text, add_special_tokens=not chat)["input_ids"]
         if len(tokens) > data_cfg.max_prompt_tokens:
             if data_cfg.prompt_overflow == "error":

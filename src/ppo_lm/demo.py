@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import toy
+from .runtime import cache_root
 
 NOUNS = ["movie", "film", "story", "acting", "plot", "ending", "soundtrack", "cast", "script", "music",
          "dialogue", "pacing", "characters", "camera work", "lead actor", "villain", "humor", "finale"]
@@ -94,9 +94,8 @@ PRETRAIN = dict(reviews=40000, steps=1200, batch=64, lr=3e-3, seed=0)
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PPO_LM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "ppo-lm")
     key = hashlib.sha256(json.dumps([MODEL_SHAPE, PRETRAIN, vocabulary(), review(random.Random(7))]).encode())
-    return Path(root).expanduser() / f"demo-model-{key.hexdigest()[:12]}"
+    return cache_root() / f"demo-model-{key.hexdigest()[:12]}"
 
 
 def pretrain(out_dir: Path, log=print) -> Path:

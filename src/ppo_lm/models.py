@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import os
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .gguf_source import as_folder, check_gguf, is_gguf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -184,6 +186,8 @@ def check_model_files(name_or_path: str, field: str) -> None:
     """A local model folder is usable before any weights are read: ``config.json`` is a JSON object and every
     weight file is there and whole (a safetensors file's header must describe exactly the bytes it has; a
     PyTorch zip must pass its CRC check). A hub name passes (it is checked when it is fetched)."""
+    if is_gguf(name_or_path):
+        return check_gguf(name_or_path, field)
     path = Path(name_or_path).expanduser()
     if not path.exists():
         return
@@ -260,6 +264,14 @@ def _check_torch_zip(file: Path, field: str) -> None:
         raise UserError(f"{file} is corrupt: its member {bad} fails its CRC check", field)
 
 
+def local_model(name_or_path: str, field: str) -> str:
+    """Where to load ``name_or_path`` from: itself, or for a GGUF file the transformers folder it is converted
+    to once (:mod:`ppo_lm.gguf_source`)."""
+    if not is_gguf(name_or_path):
+        return name_or_path
+    return as_folder(name_or_path, field, notice=lambda m: print(m, file=sys.stderr))
+
+
 def from_pretrained(auto_class, name_or_path: str, *, field: str, **kwargs):
     """``auto_class.from_pretrained`` with the ways a checked folder can still fail to load (a tensor of the
     wrong shape, a damaged tensor) reported as one line naming the folder."""
@@ -280,6 +292,7 @@ def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remot
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
     check_model_files(name_or_path, field)
+    name_or_path = local_model(name_or_path, field)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -306,6 +319,8 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice
     """Tokenizer with a pad token (EOS is reused, with a notice, when there is none) and left padding."""
     from transformers import AutoTokenizer
 
+    if is_gguf(name_or_path):
+        name_or_path = local_model(name_or_path, field)
     folder = Path(name_or_path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})", field)
@@ -335,6 +350,7 @@ def load_pretrained(auto_class, name_or_path: str, *, kind: str, field: str, dty
     ``from_pretrained``."""
     if config is None:
         config = load_config_checked(name_or_path, kind=kind, field=field, trust_remote_code=trust_remote_code)
+    name_or_path = local_model(name_or_path, field)
     model = from_pretrained(auto_class, name_or_path, field=field, config=no_dropout_config(config),
                             dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
                             use_safetensors=_safetensors(name_or_path), **kwargs)

@@ -23,6 +23,7 @@ from .config import ModelConfig
 from .configfile import ranged
 from .data import load_records, right_padded, use_chat_template
 from .errors import UserError
+from .gguf_source import is_gguf
 from .models import apply_lora, load_pretrained, load_tokenizer
 from .rewards.model import ENCODING_KEY, encode_for_reward
 from .distributed import check_lora, on_main, whole
@@ -212,6 +213,8 @@ def held_out(model, eval_set: list, mode: str, collate, loss_fn) -> dict:
 def is_classifier(name_or_path: str) -> bool:
     """Whether a local folder's config names a sequence-classification architecture (False when it cannot be
     read: the model check then says why)."""
+    if is_gguf(name_or_path):  # GGUF files hold causal LMs
+        return False
     p = Path(name_or_path, "config.json")
     try:
         archs = json.loads(p.read_text()).get("architectures") or []

@@ -15,6 +15,13 @@ import torch
 from .errors import UserError
 
 
+def cache_root() -> Path:
+    """Where ppo-lm keeps what it builds once and reuses (the demo model, models converted from GGUF):
+    ``$PPO_LM_CACHE``, else ``$XDG_CACHE_HOME/ppo-lm``, else ``~/.cache/ppo-lm``."""
+    root = os.environ.get("PPO_LM_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "ppo-lm")
+    return Path(root).expanduser()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

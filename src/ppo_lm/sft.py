@@ -22,7 +22,8 @@ import torch
 
 from .config import ModelConfig
 from .configfile import check_ranges, located_error, looks_local, ranged
-from .data import format_prompt, load_records, pad_right, right_padded, use_chat_template
+from .data import (MESSAGES, check_messages, format_prompt, load_records, pad_right, right_padded,
+                   use_chat_template)
 from .distributed import accelerator_for, check_lora, fit_engine, global_mean, on_main, whole
 from .errors import UserError
 from .models import apply_lora, check_causal_lm, load_causal_lm, load_tokenizer, save_merged
@@ -137,7 +138,8 @@ def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list,
     return [records[i] for i in order[n_eval:]], [records[i] for i in order[:n_eval]]
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int, chat: bool) -> tuple[list[int], list[int]]:
+def encode_example(tokenizer, prompt: str | list[dict], response: str, max_length: int,
+                   chat: bool) -> tuple[list[int], list[int]]:
     """Token ids of prompt + response + EOS and their labels: IGNORE on the prompt, the token itself on the
     response. Too long: the prompt is shortened from the left first, then the response from the right."""
     prompt_ids = tokenizer(format_prompt(tokenizer, prompt, chat), add_special_tokens=not chat)["input_ids"]
@@ -239,11 +241,30 @@ def encode_examples(d: SFTDataConfig, tokenizer, records: list[dict] | None) -> 
     chat = use_chat_template(tokenizer, d.chat_template)
     examples = []
     for i, r in enumerate(records):
-        for f in (d.prompt_field, d.response_field):
-            if not isinstance(r.get(f), str):
-                raise UserError(f"record needs a string field {f!r}", f"{d.path}:{r.get('__line__', i + 1)}")
-        examples.append(encode_example(tokenizer, r[d.prompt_field], r[d.response_field], d.max_length, chat))
+        where = f"{d.path}:{r.get('__line__', i + 1)}"
+        prompt, response = demonstration(r, d, chat, where)
+        examples.append(encode_example(tokenizer, prompt, response, d.max_length, chat))
     return examples
+
+
+def demonstration(record: dict, d: SFTDataConfig, chat: bool, where: str) -> tuple[str | list[dict], str]:
+    """A record's (prompt, response): two string fields, or a conversation (``messages``, or a list in the prompt
+    field) whose last turn, the assistant's, is the response to learn and the turns before it the prompt."""
+    conversation = record.get(d.prompt_field) if isinstance(record.get(d.prompt_field), list) else record.get(MESSAGES)
+    if conversation is not None and not isinstance(record.get(d.response_field), str):
+        key = d.prompt_field if isinstance(record.get(d.prompt_field), list) else MESSAGES
+        messages = check_messages(conversation, where, key)
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise UserError(f"a demonstration conversation in {key!r} must end with an assistant turn after at least "
+                            "one other turn", where)
+        if not chat:
+            raise UserError(f"field {key!r} holds a conversation, which needs the tokenizer's chat template (the "
+                            "tokenizer has none, or data.chat_template is off)", where)
+        return messages[:-1], messages[-1]["content"]
+    for f in (d.prompt_field, d.response_field):
+        if not isinstance(record.get(f), str):
+            raise UserError(f"record needs a string field {f!r} (or a {MESSAGES!r} conversation)", where)
+    return record[d.prompt_field], record[d.response_field]
 
 
 @torch.no_grad()

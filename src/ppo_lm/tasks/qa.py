@@ -9,6 +9,9 @@ Two sources:
   seen in training.
 * ``squad``: the answerable questions of the SQuAD 2.0 dev subset, the context cut to the sentence holding the
   answer. A real extractive-QA set for models with more capacity than 260K parameters (see docs/RESULTS.md).
+* ``squad_chat``: SQuAD 2.0 as an instruction for a chat model: the whole paragraph and the question; the answer
+  is a span of the paragraph, or ``unanswerable`` for the questions SQuAD 2.0 marks impossible. Split by article:
+  the ``Normans`` article is held out, PPO reads the other three.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ from ..rewards.builtin import best_f1, exact_match, reference_list
 
 NAME = "qa"
 SUMMARY = "answer a question about a short text; reward = exact match with the reference; metrics = EM, F1"
-SOURCES = ("stories", "squad")
+SOURCES = ("stories", "squad", "squad_chat")
+#: The fixed answer of a question the text does not answer (squad_chat).
+UNANSWERABLE = "unanswerable"
+#: The article of the SQuAD subset held out for evaluation (squad_chat).
+HELD_OUT_ARTICLE = "Normans"
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 #: Capitalised words that start sentences or stories rather than name characters.
@@ -64,9 +71,29 @@ def squad_records(rows: list[dict]) -> list[dict]:
     return out
 
 
+def squad_instruction(context: str, question: str) -> str:
+    return ("Answer the question with a short span copied from the text. If the text does not answer it, reply "
+            f"\"{UNANSWERABLE}\".\n\nText: {context.strip()}\n\nQuestion: {question.strip()}")
+
+
+def squad_chat_records(rows: list[dict]) -> list[dict]:
+    out = []
+    for r in rows:
+        answerable = not r.get("is_impossible") and bool(r["answers"])
+        answers = sorted({a["text"] for a in r["answers"]}) if answerable else [UNANSWERABLE]
+        out.append({"prompt": squad_instruction(r["context"], r["question"]), "answers": answers,
+                    "answerable": answerable, "article": r["title"]})
+    return out
+
+
 def build(assets: Path, source: str) -> dict[str, list[dict]]:
     from . import read_jsonl
 
+    if source == "squad_chat":  # split by article, as SQuAD itself is split
+        records = squad_chat_records(read_jsonl(assets / "squad_v2_dev_subset" / "dev_subset.jsonl"))
+        train = [r for r in records if r["article"] != HELD_OUT_ARTICLE]
+        random.Random(0).shuffle(train)
+        return {"train.jsonl": train, "heldout.jsonl": [r for r in records if r["article"] == HELD_OUT_ARTICLE]}
     if source == "squad":
         # split by paragraph: SQuAD asks several questions about each, so a split by question would put held-out
         # contexts into training
@@ -96,6 +123,15 @@ def metrics(completions: list[str], fields: dict[str, list]) -> dict[str, float]
     """SQuAD exact match and token F1, each the best over the reference answers."""
     refs = [reference_list(v) for v in fields["answers"]]  # a string, a list, or SQuAD-style {"text": [...]}
     n = max(1, len(completions))
-    em = sum(exact_match(c, rs) for c, rs in zip(completions, refs))
-    f1 = sum(best_f1(c, rs) for c, rs in zip(completions, refs))
-    return {"exact_match": em / n, "f1": f1 / n}
+    em = [exact_match(c, rs) for c, rs in zip(completions, refs)]
+    f1 = [best_f1(c, rs) for c, rs in zip(completions, refs)]
+    out = {"exact_match": sum(em) / n, "f1": sum(f1) / n}
+    if "answerable" in fields:  # SQuAD 2.0: the two kinds of question apart
+        yes = [i for i, a in enumerate(fields["answerable"]) if a]
+        no = [i for i, a in enumerate(fields["answerable"]) if not a]
+        if yes:
+            out |= {"answerable_f1": sum(f1[i] for i in yes) / len(yes),
+                    "answerable_exact_match": sum(em[i] for i in yes) / len(yes)}
+        if no:
+            out["unanswerable_accuracy"] = sum(em[i] for i in no) / len(no)
+    return out

@@ -12,7 +12,10 @@ from pathlib import Path
 
 NAME = "sentiment_analysis"
 SUMMARY = "read a sentence, answer 'positive' or 'negative'; reward = correct label; metric = accuracy"
-SOURCES = ("sst2",)
+#: ``sst2``: "Review: ...\nSentiment:" completion prompts and 500 SFT demonstrations, for a base model;
+#: ``sst2_chat``: the same sentences as an instruction, for a chat model's template (no SFT set: the instruction says
+#: what to answer).
+SOURCES = ("sst2", "sst2_chat")
 LABELS = {0: "negative", 1: "positive"}
 #: Demonstrations in the SFT set: enough to learn the answer format, few enough that PPO has something to add.
 N_SFT = 500
@@ -22,12 +25,20 @@ def prompt(text: str) -> str:
     return f"Review: {text}\nSentiment:"
 
 
+def instruction(text: str) -> str:
+    return ("Is the sentiment of this movie review positive or negative? Answer with one word: positive or "
+            f"negative.\n\nReview: {text}")
+
+
 def build(assets: Path, source: str) -> dict[str, list[dict]]:
     from . import read_jsonl
 
     train = read_jsonl(assets / "sst2" / "train.jsonl")
     test = read_jsonl(assets / "sst2" / "test_dev.jsonl")
     random.Random(0).shuffle(train)
+    if source == "sst2_chat":
+        return {"train.jsonl": [{"prompt": instruction(r["sentence"]), "label": LABELS[r["label"]]} for r in train],
+                "heldout.jsonl": [{"prompt": instruction(r["sentence"]), "label": LABELS[r["label"]]} for r in test]}
     demos, rest = train[:N_SFT], train[N_SFT:]
     return {
         "sft.jsonl": [{"prompt": prompt(r["sentence"]), "response": " " + LABELS[r["label"]]} for r in demos],
