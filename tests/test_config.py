@@ -128,3 +128,11 @@ def test_renamed_kl_keys_still_work_with_a_deprecation_warning(tmp_path):
         assert config_from_dict({"model": {"name_or_path": "m"}, "ppo": {"adaptive_kl": True}}).ppo.kl.adaptive
     with pytest.raises(ConfigError, match=r"cfg.yaml:10: ppo.kl_coef: is the old name of ppo.kl.coef"):
         load_config(write(tmp_path, GOOD + "  kl_coef: 0.2\n  kl: {coef: 0.3}\n"), check_paths=False)
+
+
+def test_empty_reward_sources_only_when_a_pipeline_brings_its_reward_model(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("model: {name_or_path: m}\ndata: {path: d.jsonl}\nreward:\n  sources: []\n")
+    with pytest.raises(ConfigError, match=r"ppo.yaml:4: reward.sources: needs at least one reward source"):
+        load_config(path, check_paths=False)
+    assert load_config(path, check_paths=False, reward_given=True).reward.sources == []

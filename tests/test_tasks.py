@@ -37,9 +37,12 @@ def fake_assets(tmp_path):
     write_jsonl(root / "squad_v2_dev_subset" / "dev_subset.jsonl", [
         {"context": "The cat sat. The dog ran to the park. It rained.", "question": "Where did the dog run?",
          "answers": [{"text": "the park", "answer_start": 30}, {"text": "park", "answer_start": 34}],
-         "is_impossible": False},
-        {"context": "Nothing here.", "question": "Who?", "answers": [], "is_impossible": True},
+         "is_impossible": False, "title": "Dogs"},
+        {"context": "Nothing here.", "question": "Who?", "answers": [], "is_impossible": True, "title": "Normans"},
     ] * 100)
+    write_jsonl(root / "imdb" / "reviews.jsonl", [
+        {"review": f"Review {i} was<br /><br />a film I saw {i} times.", "sentiment": "positive", "label": 1}
+        for i in range(250)])
     return root
 
 
@@ -177,3 +180,36 @@ def test_pipeline_prepares_its_task_and_reports_its_metric(tiny_model_dir, fake_
     assert len(result["after"]["scores"]) == 20
     again = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
     assert again.returncode == 0 and "[data] skipped" in again.stderr
+
+
+def test_chat_model_sources_write_instructions_and_split_squad_by_article(fake_assets, tmp_path):
+    counts = tasks.prepare("sentiment_analysis", fake_assets, tmp_path / "sa", source="sst2_chat")
+    assert counts == {"train.jsonl": 520, "heldout.jsonl": 20}  # no SFT set: the instruction says what to answer
+    row = json.loads((tmp_path / "sa" / "train.jsonl").read_text().splitlines()[0])
+    assert row["prompt"].startswith("Is the sentiment of this movie review positive or negative?")
+    assert row["prompt"].endswith("\n\nReview: " + row["prompt"].split("Review: ")[1]) and row["label"] in ("positive", "negative")
+
+    counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
+    assert counts == {"train.jsonl": 100, "heldout.jsonl": 100}  # the Normans article is held out, whole
+    read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
+    assert {r["article"] for r in read("heldout.jsonl")} == {"Normans"}
+    assert read("heldout.jsonl")[0]["answers"] == ["unanswerable"] and not read("heldout.jsonl")[0]["answerable"]
+    train = read("train.jsonl")[0]
+    assert train["answers"] == ["park", "the park"] and train["answerable"]
+    assert "Text: The cat sat. The dog ran to the park. It rained.\n\nQuestion: Where did the dog run?" in train["prompt"]
+
+    counts = tasks.prepare("text_generation", fake_assets, tmp_path / "tg", source="imdb")
+    assert counts == {"train.jsonl": 50, "heldout.jsonl": 200}
+    prompts = {json.loads(x)["prompt"] for f in ("train.jsonl", "heldout.jsonl")
+               for x in (tmp_path / "tg" / f).read_text().splitlines()}
+    assert "Review 7 was a film I saw 7" in prompts and len(prompts) == 250  # eight words, <br /> read as a space
+
+
+def test_squad_2_metrics_split_answerable_and_unanswerable_by_hand():
+    m = qa.metrics(["the park", "big red dog", "Unanswerable.", "the dog"],
+                   {"answers": [["park"], ["red dog"], ["unanswerable"], ["unanswerable"]],
+                    "answerable": [True, True, False, False]})
+    assert m["answerable_exact_match"] == pytest.approx(1 / 2)  # "the park" normalises to "park"
+    assert m["answerable_f1"] == pytest.approx((1 + 0.8) / 2)  # "big red dog" vs "red dog": P 2/3, R 1
+    assert m["unanswerable_accuracy"] == pytest.approx(1 / 2)
+    assert m["exact_match"] == pytest.approx(2 / 4) and m["f1"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)

@@ -130,7 +130,7 @@ def cmd_eval(args) -> int:
         result = evaluate.evaluate(cfg, args.model, reference=args.reference, limit=args.limit, seed=args.seed,
                                    greedy=args.greedy, notice=lambda m: print(f"warning: {m}", file=sys.stderr))
         evaluate.write(result, args.output_dir, "eval")
-        print(json.dumps({k: v for k, v in result.items() if k != "examples"}))
+        print(json.dumps({k: v for k, v in result.items() if k not in ("examples", "scores")}))  # both in the file
     return 0
 
 

@@ -6,6 +6,7 @@ has one, its range. Reading files, overrides and typed building are :mod:`ppo_lm
 from __future__ import annotations
 
 import copy
+import functools
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    #: Policy: a local transformers folder or a hub name (any AutoModelForCausalLM). Required.
+    #: Policy: a local transformers folder, a hub name (any AutoModelForCausalLM), or a .gguf file (dequantised once
+    #: into a transformers folder in the cache). Required.
     name_or_path: str = ""
     #: Tokenizer folder or hub name; defaults to name_or_path.
     tokenizer: str | None = None
@@ -61,7 +63,8 @@ class DataConfig:
     path: str = ""
     #: Split to read when the source has splits.
     split: str = "train"
-    #: Field holding the prompt text.
+    #: Field holding the prompt: a text, or a conversation (a list of {role, content} messages, read through the chat
+    #: template; a last assistant turn is dropped). A record without it may hold a "messages" conversation instead.
     prompt_field: str = "prompt"
     #: Prompts longer than this many tokens are truncated from the left or refused (see prompt_overflow).
     max_prompt_tokens: int = ranged(256, "> 0")
@@ -254,8 +257,9 @@ class Config:
 
 
 def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | None = None,
-             check_paths: bool = True) -> None:
-    """Range and consistency checks. Raises :class:`ConfigError` on the first problem found."""
+             check_paths: bool = True, reward_given: bool = False) -> None:
+    """Range and consistency checks. Raises :class:`ConfigError` on the first problem found. ``reward_given``: the
+    reward comes from elsewhere too (a pipeline's reward-model stage), so ``reward.sources`` may be empty."""
     lines = lines or {}
 
     def fail(key: str, what: str) -> None:
@@ -279,7 +283,7 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     for tracker in cfg.train.log_with:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             fail("train.log_with", f"unknown tracker {tracker!r} (use tensorboard, wandb or mlflow)")
-    if not cfg.reward.sources:
+    if not cfg.reward.sources and not reward_given:
         fail("reward.sources", "needs at least one reward source")
     for i, src in enumerate(cfg.reward.sources):
         for key, problem in source_problems(src, RewardSourceConfig()):
@@ -316,12 +320,14 @@ def migrate_renamed(raw: dict, source: str = "config", defaults: dict | None = N
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_paths: bool = True, schema: type = None):
+                check_paths: bool = True, schema: type = None, reward_given: bool = False):
     """Read a YAML config (or start from defaults when ``path`` is None), apply ``key=value`` overrides and
     validate everything. ``schema`` defaults to the PPO :class:`Config`; a stage's schema brings its own check
-    (``schema.validate_config``). Raises :class:`ConfigError` naming the field, file and line."""
+    (``schema.validate_config``). Raises :class:`ConfigError` naming the field, file and line. ``reward_given``:
+    see :func:`validate`."""
     if schema is None or schema is Config:
-        return load(Config, path, overrides, renamed=RENAMED, check=validate, check_paths=check_paths)
+        check = functools.partial(validate, reward_given=reward_given)
+        return load(Config, path, overrides, renamed=RENAMED, check=check, check_paths=check_paths)
     return load(schema, path, overrides, check=schema.validate_config, check_paths=check_paths)
 
 

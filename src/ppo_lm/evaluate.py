@@ -94,8 +94,8 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
         out["kl_to_reference"] = sum(kls) / len(kls)
         out["reference_perplexity"] = math.exp(ref_nll / max(1, ref_tokens))
     out["scores"] = total.tolist()  # per prompt, in order: lets a comparison pair the two models' outcomes
-    out["examples"] = [{"prompt": p, "completion": c, "reward": r}
-                       for p, c, r in zip(prompts_all[:5], completions[:5], total[:5].tolist())]
+    out["examples"] = [{"prompt": p, "completion": c, "reward": r}  # every one: what a report quotes, in order
+                       for p, c, r in zip(prompts_all, completions, total.tolist())]
     return out
 
 

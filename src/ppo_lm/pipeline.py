@@ -40,7 +40,8 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
     #: SFT stage config (null = no SFT; PPO starts from its own model.name_or_path).
     sft: str | None = None
-    #: Reward-model stage config (null = PPO uses only its own reward sources).
+    #: Reward-model stage config (null = PPO uses only its own reward sources, else its final/ is added to them, and
+    #: the PPO config may then list none).
     reward_model: str | None = None
     #: Weight of the trained reward model among the PPO reward sources.
     reward_model_weight: float = 1.0
@@ -115,7 +116,7 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
     ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto", *seeded]
     if policy:
         ppo_over.append(f"model.name_or_path={policy}")
-    ppo = load_config(p.ppo, ppo_over, check_paths=policy is None)
+    ppo = load_config(p.ppo, ppo_over, check_paths=policy is None, reward_given="reward_model" in stages)
     if "reward_model" in stages:
         from .config import RewardSourceConfig
 

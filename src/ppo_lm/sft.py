@@ -76,7 +76,8 @@ class SFTDataConfig:
     path: str = ""
     #: Split to read when the source has splits.
     split: str = "train"
-    #: Field holding the prompt.
+    #: Field holding the prompt. A record may instead hold a conversation (a list of {role, content} messages, in
+    #: "messages" or in this field) whose last turn, the assistant's, is the response to imitate.
     prompt_field: str = "prompt"
     #: Field holding the response to imitate (the loss is on these tokens only).
     response_field: str = "response"

@@ -13,7 +13,11 @@ from pathlib import Path
 
 NAME = "text_generation"
 SUMMARY = "continue a story opening in a positive tone; reward = sentiment; metrics = reward, KL, distinct-n, perplexity"
-SOURCES = ("tinystories",)
+#: ``tinystories``: the openings of TinyStories stories (for the 260K model); ``imdb``: the first words of IMDB movie
+#: reviews, half of them negative, continued as plain text (the classic RLHF demonstration).
+SOURCES = ("tinystories", "imdb")
+#: Words of an IMDB review kept as its opening.
+IMDB_WORDS = 8
 #: After PPO, diversity and fluency must stay within these bounds relative to the starting model.
 BOUNDS = {"distinct_2": ("min_ratio", 0.8), "reference_perplexity": ("max_ratio", 1.5)}
 
@@ -25,8 +29,19 @@ def opening(text: str, words: int = 12) -> str:
     return " ".join(tokens[:words]) if len(tokens) > words else first
 
 
+def review_opening(review: str, words: int = IMDB_WORDS) -> str:
+    """The first ``words`` words of a review, its ``<br />`` line breaks read as spaces."""
+    return " ".join(re.sub(r"<br\s*/?>", " ", review).split()[:words])
+
+
 def build(assets: Path, source: str) -> dict[str, list[dict]]:
     from . import read_jsonl
+
+    if source == "imdb":
+        reviews = read_jsonl(assets / "imdb" / "reviews.jsonl")
+        random.Random(1).shuffle(reviews)
+        records = [{"prompt": review_opening(r["review"]), "review_sentiment": r["sentiment"]} for r in reviews]
+        return {"train.jsonl": records[200:], "heldout.jsonl": records[:200]}
 
     stories = [r["text"] for r in read_jsonl(assets / "tinystories_text" / "tinystories_train_head.jsonl")]
     order = list(range(len(stories)))
