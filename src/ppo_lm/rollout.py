@@ -34,12 +34,24 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def response_mask_from_ids(response_ids: Tensor, eos_id: int | None) -> tuple[Tensor, Tensor]:
-    """``[B, T]`` -> (mask True up to and including the first EOS, [B] whether an EOS occurred).
-    With ``eos_id`` None every position is real."""
-    if eos_id is None:
+def stop_token_ids(tokenizer, lm: nn.Module | None = None) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS and the model's own (its generation config may name
+    several, e.g. a chat model's end-of-turn token beside its end-of-text token)."""
+    from .models import base_model
+
+    ids = [tokenizer.eos_token_id]
+    config = getattr(base_model(lm), "generation_config", None) if lm is not None else None
+    extra = getattr(config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_id: int | list[int] | None) -> tuple[Tensor, Tensor]:
+    """``[B, T]`` -> (mask True up to and including the first EOS, [B] whether an EOS occurred); ``eos_id`` is
+    one stop token or several. With ``eos_id`` None every position is real."""
+    if eos_id is None or eos_id == []:
         return torch.ones_like(response_ids, dtype=torch.bool), torch.zeros(response_ids.shape[0], dtype=torch.bool)
-    is_eos = response_ids == eos_id
+    is_eos = torch.isin(response_ids, torch.tensor(eos_id, device=response_ids.device))
     # tokens strictly after the first EOS have a cumulative EOS count >= 1 before them
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0
     return ~after_eos, is_eos.any(-1)
@@ -139,14 +151,15 @@ def own_generation_defaults(lm: nn.Module):
         model.generation_config = saved
 
 
-def generation_config(tokenizer, cfg, *, greedy: bool = False):
+def generation_config(tokenizer, cfg, *, greedy: bool = False, stop: list[int] | None = None):
     """Generation settings of the RolloutConfig ``cfg``: ``(GenerationConfig, logits processors)``. Sampling runs
     as greedy decoding over scores warped by transformers' own temperature / top-k / top-p warpers and then
-    sampled by :class:`InverseCDFSampler`; ``greedy`` (evaluation only) takes the argmax of the raw scores."""
+    sampled by :class:`InverseCDFSampler`; ``greedy`` (evaluation only) takes the argmax of the raw scores.
+    ``stop``: the tokens that end a response (default: the tokenizer's EOS)."""
     from transformers import (GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                               TopPLogitsWarper)
 
-    eos = tokenizer.eos_token_id if cfg.stop_at_eos else None
+    eos = (stop or tokenizer.eos_token_id) if cfg.stop_at_eos else None
     config = GenerationConfig(do_sample=False, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos,
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, use_cache=True)
     processors = LogitsProcessorList()
@@ -243,10 +256,11 @@ def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: 
                      record: bool = False) -> Responses:
     """Sample with the RolloutConfig ``cfg`` (or decode greedily); ``record``: keep the logprobs, entropies and
     hidden states of the sampled tokens (see :class:`StepRecorder`)."""
-    gen = generation_config(tokenizer, cfg, greedy=greedy)
+    stop = stop_token_ids(tokenizer, lm)
+    gen = generation_config(tokenizer, cfg, greedy=greedy, stop=stop)
     sampled = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size,
                      record_temperature=cfg.temperature if record and not greedy else None)
-    response_mask, ended = response_mask_from_ids(sampled.ids, tokenizer.eos_token_id if cfg.stop_at_eos else None)
+    response_mask, ended = response_mask_from_ids(sampled.ids, stop if cfg.stop_at_eos else None)
     response_ids = sampled.ids.masked_fill(~response_mask, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],
                                          skip_special_tokens=True)
