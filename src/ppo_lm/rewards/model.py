@@ -21,12 +21,14 @@ from ..models import load_config_checked, load_pretrained, load_tokenizer
 ENCODING_KEY = "ppo_lm_encoding"
 
 
-def encode_for_reward(tokenizer, prompt: str, completion: str, max_length: int, chat: bool) -> list[int]:
+def encode_for_reward(tokenizer, prompt: str | list[dict], completion: str, max_length: int, chat: bool) -> list[int]:
     """The token ids a reward model reads for ``prompt`` + ``completion``: with ``chat``, the pair as a
     user/assistant exchange in the tokenizer's chat template, otherwise the plain concatenation with the
-    tokenizer's special tokens; cut to the last ``max_length`` tokens (the completion is at the end)."""
-    if chat:
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    tokenizer's special tokens; cut to the last ``max_length`` tokens (the completion is at the end). A prompt that
+    is a conversation (a list of messages) always goes through the template, the completion as the last turn."""
+    if chat or isinstance(prompt, list):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages = [*turns, {"role": "assistant", "content": completion}]
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
