@@ -87,8 +87,9 @@ WHAT = {
     "qa_smollm2": "SmolLM2-135M-Instruct reads a SQuAD 2.0 paragraph and a question inside an instruction and answers "
                   "with a span of the paragraph, or `unanswerable` for the questions the paragraph does not answer "
                   "(SQuAD 2.0's impossible questions). No SFT: *before* is the zero-shot model. Reward: token F1 with "
-                  "the gold answers. Split by article: PPO reads the {train} questions of three articles; held out: "
-                  "the {heldout} questions of the `Normans` article, greedy answers.",
+                  "the gold answers. Split by article: PPO reads {train} questions of three articles (their unanswerable "
+                  "questions down-sampled to a quarter, so that always answering `unanswerable` does not pay); held "
+                  "out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers.",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
                                "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "
@@ -119,8 +120,8 @@ WHAT_ZH = {
                                   "SST-2 训练句子上。留出：SST-2 `test_dev.jsonl`（{heldout} 个句子），贪心回答。",
     "qa_smollm2": "SmolLM2-135M-Instruct 在指令中读一个 SQuAD 2.0 段落和一个问题，用段落中的一段文字回答；段落回答不了的问题"
                   "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。没有 SFT：*之前*就是零样本模型。奖励：与标准答案的 "
-                  "token F1。按文章划分：PPO 读三篇文章的 {train} 个问题；留出：`Normans` 一文的 {heldout} 个问题，"
-                  "贪心回答。",
+                  "token F1。按文章划分：PPO 读三篇文章的 {train} 个问题（其中不可回答的问题被下采样到四分之一，"
+                  "免得一律回答 `unanswerable` 有利可图）；留出：`Normans` 一文的 {heldout} 个问题（保持原有比例），贪心回答。",
     "text_generation_smollm2": "SmolLM2-135M-Instruct 把一篇 IMDB 影评的前八个词当作普通文本续写（不用聊天模板），"
                                "被引导向积极的语气。流水线先在 SST-2 上训练一个同一骨干的奖励模型（逐点分类，LoRA，"
                                "一个 epoch）；PPO 唯一的奖励就是这个模型的 logit 差。VADER 不参与任何阶段的训练，"

@@ -213,3 +213,13 @@ def test_squad_2_metrics_split_answerable_and_unanswerable_by_hand():
     assert m["answerable_f1"] == pytest.approx((1 + 0.8) / 2)  # "big red dog" vs "red dog": P 2/3, R 1
     assert m["unanswerable_accuracy"] == pytest.approx(1 / 2)
     assert m["exact_match"] == pytest.approx(2 / 4) and m["f1"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)
+
+
+def test_squad_chat_keeps_unanswerable_questions_to_a_quarter_of_the_ppo_prompts(fake_assets, tmp_path):
+    rows = [{"context": "c", "question": "q", "title": "A", "is_impossible": i % 2 == 0,
+             "answers": [] if i % 2 == 0 else [{"text": "c", "answer_start": 0}]} for i in range(80)]
+    rows += [{**rows[0], "title": "Normans"}, {**rows[1], "title": "Normans"}]
+    write_jsonl(fake_assets / "squad_v2_dev_subset" / "dev_subset.jsonl", rows)
+    counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
+    kept = [json.loads(x)["answerable"] for x in (tmp_path / "qa" / "train.jsonl").read_text().splitlines()]
+    assert counts == {"train.jsonl": 40 + 13, "heldout.jsonl": 2} and kept.count(False) == 13  # 13 / 53 ~ 1/4

@@ -11,7 +11,8 @@ Two sources:
   answer. A real extractive-QA set for models with more capacity than 260K parameters (see docs/RESULTS.md).
 * ``squad_chat``: SQuAD 2.0 as an instruction for a chat model: the whole paragraph and the question; the answer
   is a span of the paragraph, or ``unanswerable`` for the questions SQuAD 2.0 marks impossible. Split by article:
-  the ``Normans`` article is held out, PPO reads the other three.
+  the ``Normans`` article is held out, PPO reads the other three (their unanswerable questions down-sampled to a
+  quarter of the prompts, see :data:`TRAIN_UNANSWERABLE`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ SOURCES = ("stories", "squad", "squad_chat")
 UNANSWERABLE = "unanswerable"
 #: The article of the SQuAD subset held out for evaluation (squad_chat).
 HELD_OUT_ARTICLE = "Normans"
+#: The share of unanswerable questions among the PPO prompts (squad_chat). Half of SQuAD 2.0 is unanswerable, so at
+#: its natural share one fixed reply, "unanswerable", would earn a reward of 0.5 whatever the question, far more than
+#: a zero-shot 135M model's answers do (token F1 about 0.1): PPO would learn to answer nothing. A quarter keeps the
+#: skill rewarded and the shortcut unprofitable. The held-out article keeps its natural mix.
+TRAIN_UNANSWERABLE = 0.25
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 #: Capitalised words that start sentences or stories rather than name characters.
@@ -92,6 +98,11 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
     if source == "squad_chat":  # split by article, as SQuAD itself is split
         records = squad_chat_records(read_jsonl(assets / "squad_v2_dev_subset" / "dev_subset.jsonl"))
         train = [r for r in records if r["article"] != HELD_OUT_ARTICLE]
+        answerable = [r for r in train if r["answerable"]]
+        unanswerable = [r for r in train if not r["answerable"]]
+        random.Random(0).shuffle(unanswerable)
+        keep = round(len(answerable) * TRAIN_UNANSWERABLE / (1 - TRAIN_UNANSWERABLE))
+        train = answerable + unanswerable[:keep]
         random.Random(0).shuffle(train)
         return {"train.jsonl": train, "heldout.jsonl": [r for r in records if r["article"] == HELD_OUT_ARTICLE]}
     if source == "squad":
