@@ -102,8 +102,11 @@ def test_sft_takes_a_conversation_whose_last_turn_is_the_response():
     tok = _chat_tokenizer()
     v = tok.get_vocab()
     records = [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b c"}]},
-               {"prompt": "d", "response": "e"}]
-    (ids, labels), (ids2, labels2) = encode_examples(SFTDataConfig(path="s.jsonl", max_length=32), tok, records)
+               {"prompt": "d", "response": "e"},
+               {"prompt": [{"role": "user", "content": "d"}], "response": "e"}]
+    (ids, labels), (ids2, labels2), (ids3, _) = encode_examples(SFTDataConfig(path="s.jsonl", max_length=32), tok,
+                                                                records)
+    assert ids3 == ids2
     assert ids == [v[w] for w in "user a assistant b c".split()] + [tok.eos_token_id]
     assert labels == [-100] * 3 + ids[3:]
     assert ids2 == [v[w] for w in "user d assistant e".split()] + [tok.eos_token_id]

@@ -249,18 +249,21 @@ def encode_examples(d: SFTDataConfig, tokenizer, records: list[dict] | None) -> 
 
 
 def demonstration(record: dict, d: SFTDataConfig, chat: bool, where: str) -> tuple[str | list[dict], str]:
-    """A record's (prompt, response): two string fields, or a conversation (``messages``, or a list in the prompt
-    field) whose last turn, the assistant's, is the response to learn and the turns before it the prompt."""
-    conversation = record.get(d.prompt_field) if isinstance(record.get(d.prompt_field), list) else record.get(MESSAGES)
-    if conversation is not None and not isinstance(record.get(d.response_field), str):
-        key = d.prompt_field if isinstance(record.get(d.prompt_field), list) else MESSAGES
+    """A record's (prompt, response): two string fields; a conversation in the prompt field and the string response
+    that answers it; or a conversation (``messages``, or a list in the prompt field) whose last turn, the
+    assistant's, is the response to learn and the turns before it the prompt."""
+    key = d.prompt_field if isinstance(record.get(d.prompt_field), list) else MESSAGES
+    conversation = record.get(key)
+    if conversation is not None:
         messages = check_messages(conversation, where, key)
-        if messages[-1]["role"] != "assistant" or len(messages) < 2:
-            raise UserError(f"a demonstration conversation in {key!r} must end with an assistant turn after at least "
-                            "one other turn", where)
         if not chat:
             raise UserError(f"field {key!r} holds a conversation, which needs the tokenizer's chat template (the "
                             "tokenizer has none, or data.chat_template is off)", where)
+        if key == d.prompt_field and isinstance(record.get(d.response_field), str):
+            return messages, record[d.response_field]
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise UserError(f"a demonstration conversation in {key!r} must end with an assistant turn after at least "
+                            "one other turn", where)
         return messages[:-1], messages[-1]["content"]
     for f in (d.prompt_field, d.response_field):
         if not isinstance(record.get(f), str):
