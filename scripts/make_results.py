@@ -291,7 +291,10 @@ def samples(run: dict, k: int = 3, *, zh: bool = False, good: float = 1.0) -> li
         return []
     fixed = [i for i, (b, a) in enumerate(zip(before, after)) if a["reward"] > b["reward"]]
     wrong = [i for i, a in enumerate(after) if a["reward"] < good]
-    cell = lambda text, n=160: " ".join(str(text).split())[-n:].replace("|", "\\|") or "(empty)"  # noqa: E731
+    def cell(text, n=160, head=False):  # the end of a prompt, the start of an answer
+        text = " ".join(str(text).split())
+        return (text[:n] if head else text[-n:]).replace("|", "\\|") or "(empty)"
+
     lines = []
     for title, picked in (((("improved by PPO", "PPO 改进的")), fixed[:k]),
                           ((("still wrong after PPO", "PPO 之后仍然不对的")), wrong[:k])):
@@ -301,8 +304,8 @@ def samples(run: dict, k: int = 3, *, zh: bool = False, good: float = 1.0) -> li
                   f"{title[1]}留出回答（种子 {run['seed']}；每个提示的结尾）：", "",
                   "| prompt | before | after | reward before -> after |" if not zh else
                   "| 提示 | 之前 | 之后 | 奖励 之前 -> 之后 |", "|---|---|---|---|"]
-        lines += [f"| {cell(after[i]['prompt'])} | {cell(before[i]['completion'], 80)} | "
-                  f"{cell(after[i]['completion'], 80)} | {before[i]['reward']:.2f} -> {after[i]['reward']:.2f} |"
+        lines += [f"| {cell(after[i]['prompt'])} | {cell(before[i]['completion'], 100, True)} | "
+                  f"{cell(after[i]['completion'], 100, True)} | {before[i]['reward']:.2f} -> {after[i]['reward']:.2f} |"
                   for i in picked]
         lines.append("")
     return lines
