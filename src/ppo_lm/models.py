@@ -319,8 +319,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, notice
     """Tokenizer with a pad token (EOS is reused, with a notice, when there is none) and left padding."""
     from transformers import AutoTokenizer
 
-    if is_gguf(name_or_path):
-        name_or_path = local_model(name_or_path, field)
+    name_or_path = local_model(name_or_path, field)
     folder = Path(name_or_path).expanduser()
     if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})", field)

@@ -153,7 +153,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     examples = load_records_checked(cfg, records)
     if d.mode == "pairwise" and any(isinstance(prompt, list) for pair in examples for prompt, _ in pair) \
-            and not use_chat_template(tokenizer, "auto" if d.chat_template == "auto" else d.chat_template):
+            and not use_chat_template(tokenizer, d.chat_template):
         raise UserError("the preference data hold conversations, which need the tokenizer's chat template (the "
                         "tokenizer has none, or data.chat_template is off)", d.path)
     train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
