@@ -129,3 +129,53 @@ def test_conversational_preferences_need_a_chat_template(tiny_model_dir, tmp_pat
     with pytest.raises(UserError, match="the preference data hold conversations, which need the tokenizer's chat"):
         reward_model.run(cfg, records=rows)
     assert not (tmp_path / "rm").exists()
+
+
+def test_ppo_reward_model_reads_a_conversation_prompt_whole(tmp_path):
+    """A conversation prompt reaches the rewards as its last user turn, and whole in fields["prompt_messages"]:
+    the reward model reads the whole dialogue, as the reward-model stage trained on it."""
+    from ppo_lm.config import DataConfig
+    from ppo_lm.data import PROMPT_MESSAGES, build_prompt_dataset
+
+    final = _train_rm(tmp_path, _rm_start(tmp_path, chat=True), "on", max_length=64)
+    rm = RewardModel(str(final))
+    turns = [{"role": "user", "content": "b c"}, {"role": "assistant", "content": "d"}, {"role": "user", "content": "e"}]
+    tok = toy.word_tokenizer(WORDS)
+    tok.chat_template = TEMPLATE
+    dataset = build_prompt_dataset([{"messages": [*turns, {"role": "assistant", "content": "a"}]}, {"prompt": "f"}],
+                                   tok, DataConfig(path="p.jsonl", chat_template="on"))
+    prompts, _, fields = dataset.batch([0, 1])
+    assert prompts == ["e", "f"] and fields[PROMPT_MESSAGES] == [turns, None]  # the demonstration's turn dropped
+    v = rm.tokenizer.get_vocab()
+    seen, forward = [], rm.model.forward
+
+    def spy(input_ids=None, attention_mask=None, **kw):
+        seen.extend(row[m.bool()].tolist() for row, m in zip(input_ids, attention_mask))
+        return forward(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+    rm.model.forward = spy
+    rm(prompts, [" a a", " d"], fields)
+    assert seen == [[v[w] for w in "user b c assistant d user e assistant a a".split()],
+                    [v[w] for w in "user f assistant d".split()]]
+
+
+def test_reward_model_accuracy_on_a_separate_file(tmp_path):
+    """data.eval_path: every record of data.path is trained on, the accuracy is measured on the other file; a bad
+    record there is named by its own file and line."""
+    start = _rm_start(tmp_path, chat=False)
+    train_rows = tmp_path / "pairs.jsonl"
+    train_rows.write_text("".join(json.dumps({"prompt": "b c", "chosen": " a a d", "rejected": " d e f"}) + "\n"
+                                  for _ in range(12)))
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": "c", "chosen": " a d", "rejected": " e f"}) + "\n" for _ in range(5)))
+    over = [f"model.name_or_path={start}", f"data.path={train_rows}", f"data.eval_path={held}", "optim.epochs=1",
+            f"train.output_dir={tmp_path / 'rm'}", "train.progress=false"]
+    summary = reward_model.run(load_config(None, over, schema=RewardModelConfig))
+    assert (summary["train_examples"], summary["eval_examples"]) == (12, 5)
+    held.write_text(held.read_text() + json.dumps({"prompt": "c", "chosen": 3}) + "\n")
+    over[-2] = f"train.output_dir={tmp_path / 'rm2'}"
+    with pytest.raises(Exception, match=f"{held}:6: .*'chosen'"):
+        reward_model.run(load_config(None, over, schema=RewardModelConfig))
+    from ppo_lm.errors import ConfigError
+    with pytest.raises(ConfigError, match="data.eval_path"):
+        load_config(None, [*over[:2], f"data.eval_path={tmp_path / 'nope.jsonl'}"], schema=RewardModelConfig)

@@ -223,3 +223,56 @@ def test_squad_chat_keeps_unanswerable_questions_to_a_quarter_of_the_ppo_prompts
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
     kept = [json.loads(x)["answerable"] for x in (tmp_path / "qa" / "train.jsonl").read_text().splitlines()]
     assert counts == {"train.jsonl": 40 + 13, "heldout.jsonl": 2} and kept.count(False) == 13  # 13 / 53 ~ 1/4
+
+
+HUMAN = "\n\nHuman: {}\n\nAssistant: {}"
+
+
+def test_hh_dialogues_read_as_alternating_messages():
+    from ppo_lm.tasks import dialogue
+
+    text = HUMAN.format("hi there", "Hello!") + HUMAN.format("steal a car?", "No.")
+    assert dialogue.conversation(text) == [
+        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "steal a car?"}, {"role": "assistant", "content": "No."}]
+    assert dialogue.conversation("preamble" + text) is None  # text before the first turn
+    assert dialogue.conversation("\n\nAssistant: hi\n\nHuman: x") is None  # must start with the human
+    assert dialogue.conversation(HUMAN.format("a", "")) is None  # an empty turn
+    p = dialogue.pair({"chosen": text, "rejected": HUMAN.format("hi there", "Hello!") + HUMAN.format("steal a car?", "Sure.")})
+    assert p == {"prompt": dialogue.conversation(text)[:-1], "chosen": "No.", "rejected": "Sure."}
+    assert dialogue.pair({"chosen": text, "rejected": HUMAN.format("other", "Hello!") + HUMAN.format("steal a car?", "Sure.")}) is None
+    assert dialogue.pair({"chosen": text, "rejected": text}) is None  # the same reply twice teaches nothing
+    assert dialogue.metrics(["No.", " ", "I can not help"], {}) == {"empty_reply": pytest.approx(1 / 3),
+                                                                   "reply_words": pytest.approx(5 / 3)}
+
+
+def test_hh_recipe_files_hold_out_their_prompts_from_every_stage(fake_assets, tmp_path, monkeypatch):
+    from ppo_lm.tasks import dialogue
+
+    rows = [{"chosen": HUMAN.format(f"question {i // 2}", "No."), "rejected": HUMAN.format(f"question {i // 2}", "Yes.")}
+            for i in range(60)]  # every prompt twice: a held-out prompt's twin must not reach training
+    rows.append({"chosen": "broken", "rejected": "broken"})
+    write_jsonl(fake_assets / "hh_rlhf_harmless_base" / "test_dev.jsonl", rows)
+    monkeypatch.setattr(dialogue, "N_HELDOUT", 10)
+    monkeypatch.setattr(dialogue, "N_SFT", 5)
+    counts = tasks.prepare("dialogue", fake_assets, tmp_path / "d")
+    read = lambda f: [json.loads(x) for x in (tmp_path / "d" / f).read_text().splitlines()]  # noqa: E731
+    held = {json.dumps(r["messages"]) for r in read("heldout.jsonl")}
+    assert counts["heldout.jsonl"] == counts["pairs_heldout.jsonl"] == 10 and counts["sft.jsonl"] == 5
+    assert counts["pairs.jsonl"] == counts["train.jsonl"] <= 50
+    train = [json.dumps(r["messages"]) for r in read("train.jsonl")]
+    train += [json.dumps(r["prompt"]) for r in read("pairs.jsonl")] + [json.dumps(r["messages"][:-1]) for r in read("sft.jsonl")]
+    assert not held & set(train)
+    assert read("sft.jsonl")[0]["messages"][-1] == {"role": "assistant", "content": "No."}
+    assert read("pairs_heldout.jsonl")[0]["rejected"] == "Yes."
+
+
+def test_compare_reports_how_often_the_reward_prefers_the_after_model():
+    import torch
+
+    from ppo_lm.evaluate import preference
+
+    share, sem = preference(torch.tensor([1.0, -2.0, 0.0, 3.0]))  # wins 1, 0, 0.5, 1
+    assert share == pytest.approx(2.5 / 4)
+    assert sem == pytest.approx(torch.tensor([1.0, 0.0, 0.5, 1.0]).std().item() / 2)
+    assert preference(torch.tensor([])) == (0.0, 0.0)

@@ -83,6 +83,11 @@ def _read_with_datasets(path: str, split: str, field: str) -> list[dict]:
     return [dict(r) for r in ds]
 
 
+#: The fields key under which a conversation prompt reaches the rewards whole (the turns the policy answers), beside
+#: the prompt text, which is its last user turn; a reward model reads it in its chat template.
+PROMPT_MESSAGES = "prompt_messages"
+
+
 @dataclass
 class PromptDataset:
     """Tokenised prompts plus the other fields of each record (passed to reward functions)."""
@@ -199,6 +204,8 @@ def build_prompt_dataset(records: list[dict], tokenizer, data_cfg, *, source: st
         prompts.append(raw)
         ids.append(tokens)
         fields.append({k: v for k, v in record.items() if k not in ("__line__",)})
+        if isinstance(record[key], list):
+            fields[-1][PROMPT_MESSAGES] = messages
     if truncated:
         warn(f"{truncated} of {len(records)} prompts were longer than data.max_prompt_tokens "
              f"({data_cfg.max_prompt_tokens}) and were truncated from the left")

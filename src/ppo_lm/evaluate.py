@@ -143,14 +143,30 @@ def compare(cfg: Config, before: str, after: str, *, limit: int | None = None, s
     keys = [k for k in a if isinstance(a[k], float) and k in b]
     diff = torch.tensor(b["scores"]) - torch.tensor(a["scores"])
     paired_sem = diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    preferred, preferred_sem = preference(diff)
     return {"before": a, "after": b, "reward_change_paired_sem": paired_sem,
+            "after_preferred": preferred, "after_preferred_sem": preferred_sem,
             "rows": [{"metric": k, "before": a[k], "after": b[k], "change": b[k] - a[k]} for k in keys]}
+
+
+def preference(diff: torch.Tensor) -> tuple[float, float]:
+    """From per-prompt reward differences (after - before): the share of prompts on which the reward prefers the
+    after model's answer (a tie counts half; the win rate of RLHF papers when the reward is a reward model), and
+    its standard error."""
+    if not len(diff):
+        return 0.0, 0.0
+    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    return wins.mean().item(), (wins.std().item() / math.sqrt(len(wins)) if len(wins) > 1 else 0.0)
 
 
 def markdown_table(result: dict) -> str:
     lines = ["| metric | before | after | change |", "|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['metric']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} |")
+    if "after_preferred" in result:
+        lines.append(f"\nThe reward prefers the after model's answer on {result['after_preferred']:.1%} "
+                     f"(± {result['after_preferred_sem']:.1%} s.e.) of the {result['after']['samples']} prompts "
+                     "(a tie counts half).")
     return "\n".join(lines)
 
 

@@ -185,7 +185,7 @@ def compare_stage(p: PipelineConfig, stages: dict, console) -> dict:
     evaluate.write(result, root / "eval", "compare")
     console.print(evaluate.markdown_table(result), markup=False, highlight=False)
     return {"eval": {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]},
-            "report": str(root / "eval" / "compare.md")}
+            "after_preferred": result["after_preferred"], "report": str(root / "eval" / "compare.md")}
 
 
 def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:

@@ -64,8 +64,11 @@ class RMDataConfig:
     #: pairwise: read (prompt, completion) as a user/assistant exchange in the tokenizer's chat template: "auto"
     #: (when it has one), "on" or "off". Saved with the model, so PPO scores completions the same way.
     chat_template: Literal["auto", "on", "off"] = "auto"
-    #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy).
+    #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy); unused with eval_path.
     eval_fraction: float = ranged(0.1, "[0, 1)")
+    #: A separate file of evaluation records, in the layout of path ("" = hold out eval_fraction of path instead);
+    #: all of path is then trained on.
+    eval_path: str = ""
 
 
 @dataclass
@@ -84,14 +87,17 @@ class RewardModelConfig:
 RewardModelConfig.validate_config = staticmethod(validate_stage)
 
 
-def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None) -> list[tuple]:
+def load_records_checked(cfg: RewardModelConfig, records: list[dict] | None, path: str | None = None) -> list[tuple]:
+    """The training records (``path``: another file of the same layout, e.g. data.eval_path) as examples, each
+    checked; the first bad one is an error naming its file and line."""
     d = cfg.data
-    records = records if records is not None else load_records(d.path, d.split)
+    path = path or d.path
+    records = records if records is not None else load_records(path, d.split)
     if not records:
-        raise UserError("the dataset is empty", d.path)
+        raise UserError("the dataset is empty", path)
     out = []
     for i, r in enumerate(records):
-        where = f"{d.path}:{r.get('__line__', i + 1)}"
+        where = f"{path}:{r.get('__line__', i + 1)}"
         if d.mode == "pairwise":
             out.append(tuple(preference_side(r, d, f, where) for f in (d.chosen_field, d.rejected_field)))
         else:
@@ -152,11 +158,14 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     examples = load_records_checked(cfg, records)
-    if d.mode == "pairwise" and any(isinstance(prompt, list) for pair in examples for prompt, _ in pair) \
-            and not use_chat_template(tokenizer, d.chat_template):
-        raise UserError("the preference data hold conversations, which need the tokenizer's chat template (the "
-                        "tokenizer has none, or data.chat_template is off)", d.path)
-    train_set, eval_set = split_records(examples, d.eval_fraction, cfg.train.seed)
+    held = load_records_checked(cfg, None, d.eval_path) if d.eval_path else None
+    for path, rows in ((d.path, examples), (d.eval_path, held or [])):
+        if d.mode == "pairwise" and any(isinstance(prompt, list) for pair in rows for prompt, _ in pair) \
+                and not use_chat_template(tokenizer, d.chat_template):
+            raise UserError("the preference data hold conversations, which need the tokenizer's chat template (the "
+                            "tokenizer has none, or data.chat_template is off)", path)
+    train_set, eval_set = (examples, held) if held is not None else split_records(examples, d.eval_fraction,
+                                                                                  cfg.train.seed)
     model, chat = _load_model(cfg, config, tokenizer)
     collate, loss_fn = objective(d.mode, tokenizer, lambda p, c: encode_for_reward(tokenizer, p, c, d.max_length, chat))
 

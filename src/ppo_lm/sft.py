@@ -120,7 +120,7 @@ def validate_stage(cfg, *, source: str = "config", lines: dict[str, int] | None 
         fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
     if check_paths:
         for key, value in [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
-                           ("data.path", cfg.data.path)]:
+                           ("data.path", cfg.data.path), ("data.eval_path", getattr(cfg.data, "eval_path", ""))]:
             if value and looks_local(value) and not Path(value).expanduser().exists():
                 fail(key, f"no such file or directory: {value}")
 

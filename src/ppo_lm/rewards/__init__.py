@@ -5,6 +5,9 @@ one float per completion::
 
     def reward(prompts: list[str], completions: list[str], fields: dict[str, list]) -> Tensor  # [B]
 
+A prompt that is a conversation reaches a reward as its last user turn; the whole conversation the policy answered
+is in ``fields["prompt_messages"]`` (None for text prompts).
+
 Each reward type is a class that owns its options: ``options`` names the keys of its ``reward.sources`` entry it
 reads, ``check(src)`` yields ``(option, problem)`` for bad values, and ``from_config(src, device=, key=)`` builds
 it. :data:`REWARD_TYPES` is the registry: adding a type is its file and one line there (plus a field in

@@ -5,14 +5,15 @@ the reward-model stage trains with: the same chat template or none, the same spe
 and the same truncation side (the end is kept). A model trained by ``ppo-lm reward-model`` records its choice in
 its ``config.json`` (``ppo_lm_encoding``); any other model is read as plain text, cut to ``max_length`` from the
 left. With one label its logit is the score; with two labels the score is ``logit[1] - logit[0]`` (the log-odds
-of the positive class, e.g. for a sentiment model).
+of the positive class, e.g. for a sentiment model). A conversation prompt is read whole (``fields["prompt_messages"]``),
+as the reward-model stage trained on it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..data import right_padded
+from ..data import PROMPT_MESSAGES, right_padded
 from ..errors import UserError
 from ..models import load_config_checked, load_pretrained, load_tokenizer
 
@@ -76,7 +77,9 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, fields):
-        rows = [encode_for_reward(self.tokenizer, p, c, self.max_length, self.chat) for p, c in zip(prompts, completions)]
+        conversations = fields.get(PROMPT_MESSAGES) or [None] * len(prompts)  # the whole dialogue where there is one
+        rows = [encode_for_reward(self.tokenizer, turns or p, c, self.max_length, self.chat)
+                for p, c, turns in zip(prompts, completions, conversations)]
         scores = []
         for s in range(0, len(rows), self.batch_size):
             ids, mask = right_padded(rows[s:s + self.batch_size], self.tokenizer.pad_token_id)

@@ -5,6 +5,7 @@ metric that says whether a model got better at it; its example configs live in `
 ``qa``                 question answering: reading comprehension with a reference answer; EM and token F1
 ``text_generation``    steerable continuation: positive story continuations; reward, KL, diversity, fluency
 ``sentiment_analysis`` the policy reads a text and answers ``positive`` or ``negative``; accuracy
+``dialogue``           the InstructGPT recipe on HH-RLHF: SFT, a pairwise reward model, PPO; reward-model preference
 =====================  =====================================================================================
 
 ``ppo-lm prepare TASK --assets DIR --out DIR`` writes the task's files (``sft.jsonl`` where the task has an SFT
@@ -22,7 +23,7 @@ from typing import Callable
 
 from ..data import load_records
 from ..errors import UserError, closest_name
-from . import qa, sentiment_analysis, text_generation
+from . import dialogue, qa, sentiment_analysis, text_generation
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class Task:
 
 TASKS: dict[str, Task] = {
     m.NAME: Task(m.NAME, m.SUMMARY, m.build, m.metrics, m.SOURCES, f"examples/{m.NAME}/pipeline.yaml")
-    for m in (qa, text_generation, sentiment_analysis)
+    for m in (qa, text_generation, sentiment_analysis, dialogue)
 }
 
 
