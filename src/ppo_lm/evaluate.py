@@ -159,10 +159,23 @@ def preference(diff: torch.Tensor) -> tuple[float, float]:
     return wins.mean().item(), (wins.std().item() / math.sqrt(len(wins)) if len(wins) > 1 else 0.0)
 
 
-def markdown_table(result: dict) -> str:
-    lines = ["| metric | before | after | change |", "|---|---|---|---|"]
+def add_base(result: dict, base: dict) -> dict:
+    """A third model beside a comparison (the one an SFT stage started from): its measures as the rows' ``base``
+    (KL and perplexity against "before" are not measured for it)."""
+    result["base"] = base
     for r in result["rows"]:
-        lines.append(f"| {r['metric']} | {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} |")
+        if isinstance(base.get(r["metric"]), float):
+            r["base"] = base[r["metric"]]
+    return result
+
+
+def markdown_table(result: dict) -> str:
+    with_base = "base" in result
+    lines = ["| metric |" + (" base |" if with_base else "") + " before | after | change |",
+             "|---|---|---|---|" + ("---|" if with_base else "")]
+    for r in result["rows"]:
+        base = (f" {r['base']:.4f} |" if "base" in r else " - |") if with_base else ""
+        lines.append(f"| {r['metric']} |{base} {r['before']:.4f} | {r['after']:.4f} | {r['change']:+.4f} |")
     if "after_preferred" in result:
         lines.append(f"\nThe reward prefers the after model's answer on {result['after_preferred']:.1%} "
                      f"(± {result['after_preferred_sem']:.1%} s.e.) of the {result['after']['samples']} prompts "

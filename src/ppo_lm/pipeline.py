@@ -19,6 +19,7 @@ ppo: examples/x_ppo.yaml            # required
 eval_data: runs/data/qa/heldout.jsonl  # prompts for the before/after (null = the PPO prompts)
 eval_limit: 64                      # use only the first N of them (null = all)
 eval_greedy: false                  # greedy decoding in the evaluation (true for accuracy-style tasks)
+eval_base: true                     # with SFT, also evaluate the model SFT started from (SFT's gain apart from PPO's)
 seed: null                          # set train.seed of every stage (null = each stage config's own)
 ```
 """
@@ -63,6 +64,9 @@ class PipelineConfig:
     eval_greedy: bool = False
     #: Seed of every stage (train.seed of SFT, reward model and PPO); null = each stage config's own.
     seed: int | None = None
+    #: With an SFT stage, also evaluate the model SFT started from (column "base"), so that SFT's gain and PPO's
+    #: own (SFT -> PPO, the before/after) are apart.
+    eval_base: bool = True
 
 
 def _stage_config(path: str | None, field: str, source: str):
@@ -182,9 +186,13 @@ def compare_stage(p: PipelineConfig, stages: dict, console) -> dict:
     result = evaluate.compare(stages["eval"], stages["start_model"], str(root / "ppo" / "final"),
                               limit=p.eval_limit, greedy=p.eval_greedy,
                               notice=lambda m: console.print(f"warning: {m}"))
+    if "sft" in stages and p.eval_base:
+        base = stages["sft"].model.name_or_path
+        console.print(rf"\[eval] the model SFT started from: {base}")
+        evaluate.add_base(result, evaluate.evaluate(stages["eval"], base, limit=p.eval_limit, greedy=p.eval_greedy))
     evaluate.write(result, root / "eval", "compare")
     console.print(evaluate.markdown_table(result), markup=False, highlight=False)
-    return {"eval": {r["metric"]: {"before": r["before"], "after": r["after"]} for r in result["rows"]},
+    return {"eval": {r["metric"]: {k: r[k] for k in ("base", "before", "after") if k in r} for r in result["rows"]},
             "after_preferred": result["after_preferred"], "report": str(root / "eval" / "compare.md")}
 
 

@@ -66,6 +66,8 @@ class RMDataConfig:
     chat_template: Literal["auto", "on", "off"] = "auto"
     #: Fraction of the records held out for evaluation (pairwise accuracy / accuracy); unused with eval_path.
     eval_fraction: float = ranged(0.1, "[0, 1)")
+    #: Train on only the first N records of path (null = all of them); a smaller, quicker stage.
+    limit: int | None = ranged(None, "> 0")
     #: A separate file of evaluation records, in the layout of path ("" = hold out eval_fraction of path instead);
     #: all of path is then trained on.
     eval_path: str = ""
@@ -157,7 +159,7 @@ def run(cfg: RewardModelConfig, *, records: list[dict] | None = None, console=No
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=console.print,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
-    examples = load_records_checked(cfg, records)
+    examples = load_records_checked(cfg, records)[:d.limit]
     held = load_records_checked(cfg, None, d.eval_path) if d.eval_path else None
     for path, rows in ((d.path, examples), (d.eval_path, held or [])):
         if d.mode == "pairwise" and any(isinstance(prompt, list) for pair in rows for prompt, _ in pair) \

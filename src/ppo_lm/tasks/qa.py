@@ -11,8 +11,9 @@ Two sources:
   answer. A real extractive-QA set for models with more capacity than 260K parameters (see docs/RESULTS.md).
 * ``squad_chat``: SQuAD 2.0 as an instruction for a chat model: the whole paragraph and the question; the answer
   is a span of the paragraph, or ``unanswerable`` for the questions SQuAD 2.0 marks impossible. Split by article:
-  the ``Normans`` article is held out, PPO reads the other three (their unanswerable questions down-sampled to a
-  quarter of the prompts, see :data:`TRAIN_UNANSWERABLE`).
+  the ``Normans`` article is held out; SFT and PPO read the other three (their unanswerable questions down-sampled
+  to a quarter, see :data:`TRAIN_UNANSWERABLE`): :data:`N_SFT_CHAT` of them as demonstrations, the rest as PPO
+  prompts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ HELD_OUT_ARTICLE = "Normans"
 #: skill rewarded and the shortcut unprofitable. The held-out article keeps its natural mix.
 TRAIN_UNANSWERABLE = 0.25
 
+#: Questions of the training articles whose gold answer (the shortest) is a demonstration for SFT (squad_chat); PPO
+#: reads the others. A zero-shot instruct model answers in whole sentences, which token F1 punishes; a few hundred
+#: demonstrations teach the span format, which a few hundred PPO samples do not.
+N_SFT_CHAT = 256
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 #: Capitalised words that start sentences or stories rather than name characters.
 _NOT_NAMES = {"Once", "One", "The", "She", "He", "They", "It", "But", "Then", "When", "After", "There", "We", "I",
@@ -104,7 +109,10 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
         keep = round(len(answerable) * TRAIN_UNANSWERABLE / (1 - TRAIN_UNANSWERABLE))
         train = answerable + unanswerable[:keep]
         random.Random(0).shuffle(train)
-        return {"train.jsonl": train, "heldout.jsonl": [r for r in records if r["article"] == HELD_OUT_ARTICLE]}
+        n_sft = min(N_SFT_CHAT, len(train) // 2)
+        sft = [{"prompt": r["prompt"], "response": min(r["answers"], key=len)} for r in train[:n_sft]]
+        return {"sft.jsonl": sft, "train.jsonl": train[n_sft:],
+                "heldout.jsonl": [r for r in records if r["article"] == HELD_OUT_ARTICLE]}
     if source == "squad":
         # split by paragraph: SQuAD asks several questions about each, so a split by question would put held-out
         # contexts into training
