@@ -97,6 +97,28 @@ def test_lora_keeps_one_copy_and_disabled_adapters_are_the_reference(tiny_model_
         assert torch.allclose(merged(input_ids=ids, attention_mask=mask).logits, policy_logits, atol=1e-5)
 
 
+def test_lora_on_the_last_layers_only(tiny_model_dir):
+    """lora.last_layers: adapters in the last N blocks only (every linear module there, or those named in
+    target_modules), so that no gradient flows below them; more layers than the model has is one clear error."""
+    from ppo_lm.config import LoraConfig
+    from ppo_lm.errors import UserError
+    from ppo_lm.models import apply_lora
+
+    def adapted(**lora):
+        model = apply_lora(load_causal_lm(str(tiny_model_dir)), LoraConfig(enabled=True, **lora), "CAUSAL_LM")
+        return sorted({n.split(".lora_")[0].removeprefix("base_model.model.") for n, p in model.named_parameters()
+                       if p.requires_grad})
+
+    assert adapted(last_layers=1) == ["transformer.h.1.attn.c_attn", "transformer.h.1.attn.c_proj",
+                                      "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+    assert adapted(last_layers=1, target_modules=["c_attn"]) == ["transformer.h.1.attn.c_attn"]
+    assert len(adapted(last_layers=2)) == len(adapted()) == 8  # all the layers: as without the option
+    with pytest.raises(UserError, match="is 3, but the model has 2 layers"):
+        adapted(last_layers=3)
+    with pytest.raises(UserError, match="no module of the last 1 layers matches"):
+        adapted(last_layers=1, target_modules=["nothing"])
+
+
 def test_separate_critic_model(tiny_model_dir, tmp_path):
     cfg = tiny_config(tiny_model_dir, tmp_path, model={"name_or_path": str(tiny_model_dir),
                                                         "critic": str(tiny_model_dir)}, train={"iterations": 2})

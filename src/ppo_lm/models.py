@@ -379,8 +379,35 @@ def apply_lora(model: nn.Module, lora_cfg, task_type: str) -> nn.Module:
     the base weights are frozen."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_cfg.target_modules
+    if lora_cfg.last_layers is not None:
+        targets = last_layers_linears(model, lora_cfg.last_layers, targets)
     return get_peft_model(model, LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                                            target_modules=lora_cfg.target_modules, task_type=task_type, bias="none"))
+                                            target_modules=targets, task_type=task_type, bias="none"))
+
+
+def last_layers_linears(model: nn.Module, n: int, targets: list[str] | str) -> list[str]:
+    """The full names of the linear modules to adapt in the last ``n`` transformer blocks: all of them for
+    "all-linear", else those whose name ends with one of ``targets``. The blocks are the model's longest
+    ``ModuleList`` (the decoder layers of every transformers LM)."""
+    blocks = max(((name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)),
+                 key=lambda item: len(item[1]), default=(None, []))
+    if not len(blocks[1]):
+        raise UserError(f"{type(model).__name__} has no list of layers to pick the last ones from",
+                        "model.lora.last_layers")
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    name, layers = blocks
+    if n > len(layers):
+        raise UserError(f"is {n}, but the model has {len(layers)} layers", "model.lora.last_layers")
+    wanted = None if targets == "all-linear" else ([targets] if isinstance(targets, str) else list(targets))
+    out = [f"{name}.{i}.{sub}" for i in range(len(layers) - n, len(layers))
+           for sub, m in layers[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))
+           and (wanted is None or any(sub == w or sub.endswith("." + w) for w in wanted))]
+    if not out:
+        raise UserError(f"no module of the last {n} layers matches model.lora.target_modules ({targets})",
+                        "model.lora.last_layers")
+    return out
 
 
 def save_merged(model: nn.Module, tokenizer, path: str | Path, state_dict: dict | None = None) -> Path:
