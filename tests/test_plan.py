@@ -58,6 +58,10 @@ def test_lora_parameters_of_gpt2_attention():
         model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=20))
     lora = LoraConfig(enabled=True, r=4, target_modules=["c_attn"])
     assert plan.lora_parameters(model, lora) == 3 * 4 * (16 + 48)  # r x (in + out) for each c_attn
+    # all-linear: c_attn 16->48, attn c_proj 16->16, c_fc 16->64, mlp c_proj 64->16 per block, not the output head
+    per_block = 4 * ((16 + 48) + (16 + 16) + (16 + 64) + (64 + 16))
+    assert plan.lora_parameters(model, LoraConfig(enabled=True, r=4)) == 3 * per_block
+    assert plan.lora_parameters(model, LoraConfig(enabled=True, r=4, last_layers=1)) == per_block
 
 
 def test_plan_command(tiny_model_dir, tmp_path):

@@ -395,19 +395,27 @@ def last_layers_linears(model: nn.Module, n: int, targets: list[str] | str) -> l
     if not len(blocks[1]):
         raise UserError(f"{type(model).__name__} has no list of layers to pick the last ones from",
                         "model.lora.last_layers")
-    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
-
     name, layers = blocks
     if n > len(layers):
         raise UserError(f"is {n}, but the model has {len(layers)} layers", "model.lora.last_layers")
-    wanted = None if targets == "all-linear" else ([targets] if isinstance(targets, str) else list(targets))
     out = [f"{name}.{i}.{sub}" for i in range(len(layers) - n, len(layers))
-           for sub, m in layers[i].named_modules() if isinstance(m, (nn.Linear, Conv1D))
-           and (wanted is None or any(sub == w or sub.endswith("." + w) for w in wanted))]
+           for sub in lora_targets(layers[i], targets)]
     if not out:
         raise UserError(f"no module of the last {n} layers matches model.lora.target_modules ({targets})",
                         "model.lora.last_layers")
     return out
+
+
+def lora_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """The names of the linear modules (``nn.Linear`` or GPT-2's ``Conv1D``) of ``model`` that LoRA adapts:
+    for "all-linear" every one but the output head (as peft does), else those whose name ends with one of
+    ``targets``."""
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wanted = None if targets == "all-linear" else ([targets] if isinstance(targets, str) else list(targets))
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not head
+            and (wanted is None or any(name == w or name.endswith("." + w) for w in wanted))]
 
 
 def save_merged(model: nn.Module, tokenizer, path: str | Path, state_dict: dict | None = None) -> Path:

@@ -69,19 +69,19 @@ def model_shape(path: str, kind: str, field: str, cfg: Config) -> Shape:
 
 
 def lora_parameters(model, lora) -> int:
-    """``r x (in + out)`` for every 2-D weight whose module name ends with one of the LoRA targets (peft's
-    default targets for the model type when none are set)."""
+    """``r x (in + out)`` for every module LoRA adapts: the linear modules that ``lora.target_modules`` names
+    ("all-linear": all but the output head; peft's default targets for the model type when none are set), in the
+    last ``lora.last_layers`` blocks where that is set."""
+    from .models import last_layers_linears, lora_targets
+
     targets = lora.target_modules
     if not targets:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
         targets = DEFAULTS.get(model.config.model_type, [])
-    total = 0
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if weight is not None and weight.dim() == 2 and name.rsplit(".", 1)[-1] in targets:
-            total += lora.r * (weight.shape[0] + weight.shape[1])
-    return total
+    names = last_layers_linears(model, lora.last_layers, targets) if lora.last_layers else lora_targets(model, targets)
+    modules = dict(model.named_modules())
+    return sum(lora.r * sum(modules[n].weight.shape) for n in names)
 
 
 def roles(cfg: Config, policy: Shape, critic: Shape | None, rewards: list[Shape]) -> dict[str, dict[str, float]]:
