@@ -122,8 +122,9 @@ WHAT = {
                 "then trained from the SFT model on {pairs} preference pairs (Bradley-Terry, one epoch); PPO, started "
                 "from the SFT model, which is also its KL reference, answers the last human turn of {train} "
                 "conversations against that reward model. Held out from every stage: {heldout} conversations, whose "
-                "{pairs_heldout} pairs measure the reward model's accuracy and whose prompts are answered by the SFT "
-                "(*before*) and PPO (*after*) policies, sampled at temperature 1 and scored by the reward model.",
+                "{pairs_heldout} pairs measure the reward model's accuracy; the first 200 of their prompts are answered "
+                "by the zero-shot model, the SFT (*before*) and the PPO (*after*) policy, sampled at temperature 1 and "
+                "scored by the reward model.",
     "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on {sft} "
                           "labelled demonstrations teaches the format; PPO then learns from a reward of 1 for the "
                           "correct label on the other {train} training sentences. Held out: SST-2 `test_dev.jsonl` "
@@ -161,8 +162,8 @@ WHAT_ZH = {
                 "危害较小的那个）。先在 {sft} 段对话的被偏好回答上对 SmolLM2-135M-Instruct 做 SFT（LoRA，一个 epoch）；"
                 "再从 SFT 模型出发，在 {pairs} 个偏好对上训练成对奖励模型（Bradley-Terry，一个 epoch）；PPO 从 SFT 模型"
                 "出发（它也是 KL 参照），对着这个奖励模型回答 {train} 段对话的最后一个用户回合。所有阶段都没见过的留出："
-                "{heldout} 段对话，它们的 {pairs_heldout} 个偏好对用来衡量奖励模型的准确率，它们的提示由 SFT（*之前*）"
-                "和 PPO（*之后*）策略以温度 1 采样回答，再由奖励模型打分。",
+                "{heldout} 段对话，它们的 {pairs_heldout} 个偏好对用来衡量奖励模型的准确率；其中前 200 个提示由零样本模型、"
+                "SFT（*之前*）和 PPO（*之后*）策略以温度 1 采样回答，再由奖励模型打分。",
 }
 
 

@@ -25,9 +25,10 @@ SUMMARY = ("answer the last turn of a conversation (HH-RLHF harmless); SFT -> pa
 SOURCES = ("hh_harmless",)
 #: Conversations held out from every stage (the evaluation prompts and the reward model's unseen pairs).
 N_HELDOUT = 300
-#: How many of the training pool each stage reads: sized so that the recipe on SmolLM2-135M fits its share of
-#: ``make results`` on 2 CPU cores (the reward model, two sequences per pair, costs most).
-N_SFT, N_PAIRS, N_PPO = 512, 1024, 1024
+#: How many of the training pool (about 1700 conversations) SFT and PPO read: sized so that the recipe on
+#: SmolLM2-135M fits its share of ``make results`` on 2 CPU cores. The reward model reads every pair of the pool:
+#: its accuracy is what data buys (1024 pairs: 0.60 held-out accuracy, measured on SmolLM2-135M).
+N_SFT, N_PPO = 512, 1024
 
 _TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -67,7 +68,7 @@ def build(assets: Path, source: str) -> dict[str, list[dict]]:
     pool = [p for p in pairs[N_HELDOUT:] if repr(p["prompt"]) not in seen]
     return {
         "sft.jsonl": [{"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]} for p in pool[:N_SFT]],
-        "pairs.jsonl": pool[:N_PAIRS],
+        "pairs.jsonl": pool,
         "train.jsonl": [{"messages": p["prompt"]} for p in pool[:N_PPO]],
         "heldout.jsonl": [{"messages": p["prompt"]} for p in heldout],
         "pairs_heldout.jsonl": heldout,
