@@ -60,7 +60,8 @@ def one_update(model_dir, out: Path, processes: int, *overrides, env=None) -> di
 def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, overrides):
     """2 processes x 8 prompts and 1 process x 16 prompts, the same sampled batch: the same weights after
     the update, to float tolerance (sums are taken in another order; Adam turns a rounding difference in a
-    near-zero gradient into up to lr, so the bound is 1e-4 where a wrong global statistic moves weights ~3e-2)."""
+    near-zero gradient into up to lr: 1.6e-4 was measured on one bias element on an AVX512 machine, so the bound is
+    1e-3, where a wrong global statistic moves weights ~3e-2)."""
     one = one_update(tiny_model_dir, tmp_path / "one.safetensors", 1, *overrides)
     two = one_update(tiny_model_dir, tmp_path / "two.safetensors", 2, *overrides)
     start = load_file(str(tiny_model_dir / "model.safetensors"))
@@ -70,7 +71,7 @@ def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, ove
         assert one["lr"].item() == pytest.approx(1e-2 * 6 / 8)  # 2 of 8 steps taken
     assert moved > 1e-3  # the update did something to compare
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-4, msg=k)  # wrong: ~3e-2
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-3, msg=k)  # wrong: ~3e-2
 
 
 def reward_file(tmp_path: Path) -> Path:
