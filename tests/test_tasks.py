@@ -221,15 +221,16 @@ def test_squad_2_metrics_split_answerable_and_unanswerable_by_hand():
     assert m["exact_match"] == pytest.approx(2 / 4) and m["f1"] == pytest.approx((1 + 0.8 + 1 + 0) / 4)
 
 
-def test_squad_chat_keeps_unanswerable_questions_to_a_quarter_of_the_ppo_prompts(fake_assets, tmp_path):
+def test_squad_chat_demonstrates_spans_only_and_keeps_unanswerable_to_a_quarter_of_the_ppo_prompts(fake_assets, tmp_path):
     rows = [{"context": "c", "question": "q", "title": "A", "is_impossible": i % 2 == 0,
              "answers": [] if i % 2 == 0 else [{"text": "c", "answer_start": 0}]} for i in range(80)]
     rows += [{**rows[0], "title": "Normans"}, {**rows[1], "title": "Normans"}]
     write_jsonl(fake_assets / "squad_v2_dev_subset" / "dev_subset.jsonl", rows)
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
-    rows = [json.loads(x) for f in ("sft.jsonl", "train.jsonl") for x in (tmp_path / "qa" / f).read_text().splitlines()]
-    assert counts == {"sft.jsonl": 26, "train.jsonl": 27, "heldout.jsonl": 2}  # 40 + 13, halved
-    assert sum(r.get("answerable", r.get("response") != "unanswerable") is False for r in rows) == 13  # 13 / 53 ~ 1/4
+    read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
+    assert counts == {"sft.jsonl": 20, "train.jsonl": 27, "heldout.jsonl": 2}  # 40 answerable, halved; 20 + 7
+    assert all(r["response"] == "c" for r in read("sft.jsonl"))  # no "unanswerable" demonstration
+    assert sum(not r["answerable"] for r in read("train.jsonl")) == 7  # round(20 / 3): 7 of 27, about a quarter
 
 
 HUMAN = "\n\nHuman: {}\n\nAssistant: {}"
