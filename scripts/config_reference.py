@@ -28,7 +28,8 @@ from ppo_lm.pipeline import PipelineConfig  # noqa: E402
 
 SCHEMAS = {c.__name__: c for c in (config.Config, config.ModelConfig, config.LoraConfig, config.DataConfig,
                                    config.RolloutConfig, config.RewardConfig, config.RewardSourceConfig,
-                                   config.PPOConfig, config.KLConfig, config.TrainConfig, sft.OptimConfig,
+                                   config.PPOConfig, config.KLConfig, config.TrainConfig, config.EvalConfig,
+                                   config.DoctorConfig, sft.OptimConfig,
                                    sft.StageRunConfig, sft.SFTDataConfig, reward_model.RMDataConfig, PipelineConfig)}
 PAGES = {"en": ROOT / "docs" / "config.md", "zh": ROOT / "docs" / "config.zh-CN.md"}
 ZH = ROOT / "docs" / "config.zh-CN.yaml"

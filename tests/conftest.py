@@ -18,7 +18,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 WORDS = "a b c d e f g h i j".split()
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 # metrics that measure the machine, not the run: left out when two runs are compared
-TIMING = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "tokens_per_s"}
+TIMING = {"time_rollout_s", "time_generate_s", "time_score_s", "time_train_s", "time_iteration_s", "time_eval_s",
+          "tokens_per_s"}
 
 
 #: The seed of the learning tests (train.seed): 0, unless scripts/learning_spread.py sweeps it.

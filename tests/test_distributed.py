@@ -3,6 +3,7 @@ files, decisions taken together, exact resume after SIGKILL, and launches that w
 
 Every launch has a timeout, so that a hang fails the test instead of stalling the suite."""
 
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import prompt_records
 from test_cli import ENV
 from test_reliability import metrics, wait_for_rows, write_run
 
@@ -89,12 +91,23 @@ def python_reward(path: Path) -> list[str]:
 
 def test_two_processes_write_one_set_of_files_with_global_metrics(tiny_model_dir, tmp_path):
     cfg = write_run(tmp_path, tiny_model_dir, "run", 2)
-    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *python_reward(reward_file(tmp_path)), cwd=tmp_path)
+    heldout = tmp_path / "heldout.jsonl"  # 5 prompts: 3 evaluated by rank 0 (reward 0), 2 by rank 1 (reward 1)
+    heldout.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(5)))
+    evaluation = ["train.eval_every=1", f"eval.data={heldout}", "eval.best_metric=reward_mean", "train.log_samples=2"]
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, *python_reward(reward_file(tmp_path)), *evaluation,
+                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = metrics(tmp_path / "run")
     assert [r["iteration"] for r in rows] == [1, 2]  # one row an iteration, not one a process
     assert all(r["reward_mean"] == pytest.approx(0.5) for r in rows)  # both processes' scores
     assert all(r["samples_seen"] == 16 * r["iteration"] for r in rows)
+    assert all(r["eval/reward_mean"] == pytest.approx(2 / 5) for r in rows)  # every held-out prompt, once
+    assert all(isinstance(r["doctor"], list) for r in rows)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["data"]["records"] == 24
+    samples = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in samples] == [1, 1, 2, 2]  # written once, not once a process
+    assert json.loads((tmp_path / "run" / "best" / "best.json").read_text())["iteration"] == 1
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
     assert ckpts == ["ckpt-000001", "ckpt-000002"]
     assert (tmp_path / "run" / "checkpoints" / "ckpt-000002" / "rng-process1.pt").exists()

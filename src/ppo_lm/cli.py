@@ -181,6 +181,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """Exit 0 when no rule fired, 1 when one did (a script can gate on it), 2 for a directory that is no run."""
+    import json
+
+    from . import doctor
+
+    diagnosis = doctor.diagnose(args.run_dir)
+    if args.json:
+        print(json.dumps(diagnosis.to_dict()))
+    else:
+        from rich.console import Console
+
+        doctor.render(diagnosis, Console(soft_wrap=True))
+    return 1 if diagnosis.causes else 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+
+    print(report.write(args.run_dir, args.output))
+    return 0
+
+
 def cmd_bench(args) -> int:
     _quiet_libraries()
     from . import bench
@@ -260,7 +283,7 @@ def _evaluation_commands(sub) -> None:
 
 
 def _tool_commands(sub) -> None:
-    """demo, generate, bench."""
+    """demo, generate, doctor, report, bench."""
     d = sub.add_parser("demo", help="offline demo: pre-train a small LM, then PPO toward positive reviews")
     d.add_argument("--output-dir", default="runs/demo")
     d.add_argument("--iterations", type=int, default=40)
@@ -278,6 +301,17 @@ def _tool_commands(sub) -> None:
     g.add_argument("--chat-template", choices=["auto", "on", "off"], default="auto",
                    help="wrap each prompt as a user message in the tokenizer's chat template (auto: when it has one)")
     g.set_defaults(func=cmd_generate)
+
+    dr = sub.add_parser("doctor", help="diagnose a training run from its output directory: which rules fired, "
+                                       "the likely cause, what to try (exit 1 when a rule fired)")
+    dr.add_argument("run_dir", help="a ppo-lm train output_dir (finished or not)")
+    dr.add_argument("--json", action="store_true", help="print the diagnosis as one JSON object")
+    dr.set_defaults(func=cmd_doctor)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page about a training run")
+    rp.add_argument("run_dir", help="a ppo-lm train output_dir")
+    rp.add_argument("-o", "--output", help="HTML file to write (default RUN_DIR/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     b = sub.add_parser("bench", help="time PPO iterations on a fixed configuration; prints one JSON line")
     b.add_argument("--size", choices=["tiny", "small", "qwen-tiny", "qwen0.5b"], default="tiny",

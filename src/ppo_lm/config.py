@@ -219,7 +219,8 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     #: Force the CPU even when a GPU is present.
     cpu: bool = False
-    #: Print this many sample completions every log_samples_every iterations (0 = never).
+    #: Print this many sample completions every log_samples_every iterations, and write them to samples.jsonl (there
+    #: also at the first and the last iteration; 0 = never).
     log_samples: int = ranged(2, ">= 0")
     #: How often to print samples.
     log_samples_every: int = ranged(10, ">= 0")
@@ -233,6 +234,67 @@ class TrainConfig:
     keep_checkpoints: int = ranged(2, "> 0")
     #: "auto": continue from the newest complete checkpoint in output_dir/checkpoints (if any); "never": start fresh.
     resume: Literal["never", "auto"] = "never"
+    #: Evaluate on the held-out prompts of the eval section every this many iterations (and after the last one);
+    #: the results go into metrics.jsonl as eval/... keys, beside the training metrics (0 = never).
+    eval_every: int = ranged(0, ">= 0")
+    #: PyTorch's deterministic algorithms (torch.use_deterministic_algorithms; an operation without a deterministic
+    #: version warns). Recorded in manifest.json.
+    deterministic: bool = False
+
+
+@dataclass
+class EvalConfig:
+    #: Held-out prompts for train.eval_every (same formats and columns as data.path). Required when eval_every > 0.
+    data: str | None = None
+    #: Evaluate on the first N of them (null = all).
+    limit: int | None = ranged(None, "> 0")
+    #: Greedy decoding (true: the same answer at every evaluation, so the curve moves only with the policy); false:
+    #: sampled with the rollout settings.
+    greedy: bool = True
+    #: Keep the policy of the best evaluation so far in output_dir/best: an eval metric's name (reward_mean, the
+    #: task's metric such as f1 or accuracy, distinct_2, ...; null = keep none).
+    best_metric: str | None = None
+    #: Whether a higher or a lower best_metric is better.
+    best_mode: Literal["max", "min"] = "max"
+
+
+@dataclass
+class DoctorConfig:
+    """Thresholds of the run doctor's rules (docs/tuning.md, "The run doctor"): checked after every iteration of
+    ``ppo-lm train`` (a rule that starts firing prints one line) and by ``ppo-lm doctor RUN_DIR``."""
+
+    #: Check the rules during training. ppo-lm doctor checks a finished run either way.
+    enabled: bool = True
+    #: Iterations over which a rule averages a metric; the start of the run that some rules compare with is its first
+    #: max(2, window // 2) iterations.
+    window: int = ranged(5, "> 0")
+    #: sampling_mismatch: sampling_kl (nats per token) above this: the rollout does not sample the policy.
+    sampling_kl: float = ranged(0.01, "> 0")
+    #: negative_kl: kl (nats per response) below minus this.
+    negative_kl: float = ranged(0.5, "> 0")
+    #: large_updates: clipfrac above this...
+    clipfrac: float = ranged(0.3, "> 0")
+    #: ... or approx_kl above this.
+    approx_kl: float = ranged(0.1, "> 0")
+    #: kl_runaway: kl (nats per response) above this.
+    kl: float = ranged(20.0, "> 0")
+    #: entropy_collapse: entropy below this fraction of its value at the start.
+    entropy_drop: float = ranged(0.1, "(0, 1]")
+    #: critic_not_learning: from iteration 2 x window on, no window-long run of iterations whose mean
+    #: explained_variance is above this (a critic that never explained this share of the returns).
+    explained_variance: float = 0.01
+    #: length_hacking: response_length above this multiple of its start...
+    length_growth: float = ranged(1.5, "> 0")
+    #: ... or the share of responses without EOS up by this much from the start, while the reward rises...
+    eos_drop: float = ranged(0.3, "(0, 1]")
+    #: ... and the reward correlates with the length within the batches above this (reward_length_corr, mean over
+    #: the run): a reward that rises for another reason while the answers lengthen is not length hacking.
+    length_corr: float = ranged(0.5, "[0, 1]")
+    #: no_signal: from iteration 2 x window on, the reward has moved by less than this many of its starting
+    #: reward_std...
+    flat_reward: float = ranged(0.25, "> 0")
+    #: ... and kl (nats per response) stays below this.
+    flat_kl: float = ranged(0.05, "> 0")
 
 
 @dataclass
@@ -243,6 +305,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
     #: Application (qa | text_generation | sentiment_analysis) whose metric `ppo-lm eval` adds; null = none. An
     #: unknown name gets a "did you mean" suggestion. `ppo-lm train` does not use it.
     task: str | None = None
@@ -286,6 +350,15 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     for tracker in cfg.train.log_with:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             fail("train.log_with", f"unknown tracker {tracker!r} (use tensorboard, wandb or mlflow)")
+    if cfg.train.eval_every and not cfg.eval.data:
+        fail("eval.data", "is required when train.eval_every > 0 (the held-out prompts to evaluate on)")
+    if cfg.eval.best_metric and not cfg.train.eval_every:
+        fail("eval.best_metric", "needs train.eval_every > 0 (the best policy is kept at evaluations)")
+    always = ("reward_mean", "reward_std", "response_length", "eos_fraction", "distinct_1", "distinct_2")
+    name = cfg.eval.best_metric
+    if name and cfg.task is None and name not in always and not name.startswith("reward["):
+        fail("eval.best_metric", f"unknown eval metric {name!r} (without a task: {', '.join(always)} or "
+                                 "reward[SOURCE]; a task adds its own, such as f1 or accuracy)")
     if not cfg.reward.sources and not reward_given:
         fail("reward.sources", "needs at least one reward source")
     for i, src in enumerate(cfg.reward.sources):
@@ -294,7 +367,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     if not check_paths:
         return
     checks = [("model.name_or_path", cfg.model.name_or_path), ("model.tokenizer", cfg.model.tokenizer),
-              ("model.critic", None if cfg.model.critic == "policy" else cfg.model.critic), ("data.path", cfg.data.path)]
+              ("model.critic", None if cfg.model.critic == "policy" else cfg.model.critic), ("data.path", cfg.data.path),
+              ("eval.data", cfg.eval.data)]
     checks += [(f"reward.sources.{i}.path", s.path) for i, s in enumerate(cfg.reward.sources) if s.type == "model"]
     for key, value in checks:
         if value and looks_local(value) and not Path(value).expanduser().exists():

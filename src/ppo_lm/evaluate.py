@@ -31,14 +31,66 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def task_metrics(cfg: Config, completions: list[str], fields: dict[str, list]) -> dict[str, float]:
+def task_metrics(cfg: Config, completions: list[str], fields: dict[str, list], source: str | None = None
+                 ) -> dict[str, float]:
+    source = source or cfg.data.path
     try:
         return tasks.get(cfg.task).metrics(completions, fields)
     except KeyError as e:
         raise UserError(f"task {cfg.task!r} needs the field {e.args[0]!r} in every record "
-                        f"(fields: {', '.join(sorted(fields)) or 'none'})", cfg.data.path) from None
+                        f"(fields: {', '.join(sorted(fields)) or 'none'})", source) from None
     except (TypeError, ValueError) as e:
-        raise UserError(f"task {cfg.task!r}: {e}", cfg.data.path) from None
+        raise UserError(f"task {cfg.task!r}: {e}", source) from None
+
+
+def summary(completions: list[str], lengths: list[int], ended: list[bool]) -> dict[str, float]:
+    """What every evaluation reports of the answers themselves: their length, EOS rate and diversity."""
+    return {"response_length": sum(lengths) / max(1, len(lengths)), "eos_fraction": sum(ended) / max(1, len(ended)),
+            "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2)}
+
+
+@torch.no_grad()
+def during_training(cfg: Config, model, tokenizer, dataset, reward, accelerator, autocast) -> dict[str, float]:
+    """``train.eval_every``: the policy (a :class:`~ppo_lm.models.PolicyWithValue`) on the held-out prompts of
+    ``eval.data``: greedy answers (or sampled with the rollout settings, from the run's seed, the same draws at
+    every evaluation), the reward on them (total and per source), the task's metrics, length, EOS rate and
+    diversity. On several processes each answers its share of the prompts and the results are gathered: every
+    process returns the same numbers. The training's random streams are left where they were."""
+    from . import distributed as dist
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(dataset), world))
+    prompts_all, completions, lengths, ended, fields_all = [], [], [], [], {}
+    was_training = model.training
+    model.eval()
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), autocast():
+        torch.manual_seed(cfg.train.seed + rank)
+        for s in range(0, len(mine), cfg.rollout.batch_size):
+            prompts, ids, fields = dataset.batch(mine[s:s + cfg.rollout.batch_size])
+            prompt_ids, prompt_mask = left_pad(ids, tokenizer.pad_token_id)
+            out = sample_responses(model.lm, tokenizer, prompt_ids.to(accelerator.device),
+                                   prompt_mask.to(accelerator.device), cfg.rollout, greedy=cfg.eval.greedy)
+            prompts_all += prompts
+            completions += out.completions
+            lengths += out.mask.sum(-1).tolist()
+            ended += out.ended.tolist()
+            for k, v in fields.items():
+                fields_all.setdefault(k, []).extend(v)
+    model.train(was_training)
+    total, parts = reward.detailed(prompts_all, completions, fields_all) if completions else (torch.zeros(0), {})
+    gather = lambda items: dist.gather_list(accelerator, list(items))  # noqa: E731
+    scores = gather(total.tolist())
+    parts = {name: gather(v.tolist()) for name, v in parts.items()}
+    completions, lengths, ended = gather(completions), gather(lengths), gather(ended)
+    fields_all = {k: gather(v) for k, v in fields_all.items()}
+    n = len(scores)
+    mean = sum(scores) / n
+    return {"reward_mean": mean,
+            "reward_std": math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1)) if n > 1 else 0.0,
+            **{f"reward[{name}]": sum(v) / len(v) for name, v in parts.items() if v},
+            **(task_metrics(cfg, completions, fields_all, cfg.eval.data) if cfg.task else {}),
+            **summary(completions, lengths, ended)}
 
 
 @torch.no_grad()
@@ -102,8 +154,7 @@ def _evaluate(cfg: Config, model, ref, tokenizer, dataset, reward, model_path, s
         "reward_mean": total.mean().item(), "reward_std": std, "reward_sem": std / math.sqrt(n),
         **{f"reward[{name}]": v.mean().item() for name, v in parts.items()},
         **(task_metrics(cfg, completions, fields_all) if cfg.task else {}),
-        "response_length": sum(lengths) / len(lengths), "eos_fraction": sum(ended) / len(ended),
-        "distinct_1": distinct_n(completions, 1), "distinct_2": distinct_n(completions, 2),
+        **summary(completions, lengths, ended),
     }
     if ref is not None:
         out["kl_to_reference"] = sum(kls) / len(kls)

@@ -69,6 +69,9 @@ class InverseCDFSampler:
 
     def __init__(self, on_sample: Callable[[Tensor], None] | None = None):
         self.on_sample = on_sample  # told each ``[B]`` draw (StepRecorder.take)
+        #: per step, ``[B]`` log-probabilities of the drawn tokens under the distribution they were drawn from (the
+        #: warped one): set against the policy's own logprobs, they measure what top-k/top-p change (``sampling_kl``)
+        self.logprobs: list[Tensor] = []
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         probs = torch.softmax(scores.float(), dim=-1)
@@ -76,6 +79,7 @@ class InverseCDFSampler:
         u = torch.rand(cdf.shape[0], 1, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
         # right=True: the first index whose cumulative probability exceeds u, never a zero-probability token
         token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1)
+        self.logprobs.append(probs.gather(-1, token)[:, 0].log())
         if self.on_sample is not None:
             self.on_sample(token[:, 0])
         out = torch.full_like(scores, float("-inf"))
@@ -125,10 +129,12 @@ class StepRecorder:
 
 
 class Sampled(NamedTuple):
-    """Sampled responses ``[B, T]`` (right-padded with pad) and, when recorded, their old logprobs and entropies
+    """Sampled responses ``[B, T]`` (right-padded with pad); when sampled (not greedy), the drawn tokens'
+    log-probabilities under the sampling distribution ``[B, T]``; when recorded, their old logprobs and entropies
     ``[B, T]`` and the hidden states ``[B, T, H]`` that predicted them (see :class:`StepRecorder`)."""
 
     ids: Tensor
+    sampling_logprobs: Tensor | None = None
     logprobs: Tensor | None = None
     entropy: Tensor | None = None
     hidden: Tensor | None = None
@@ -183,15 +189,17 @@ def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, c
     config, processors = gen_config
     pad = config.pad_token_id
     chunk = chunk or prompt_ids.shape[0]
+    sampling = bool(processors) and isinstance(processors[-1], InverseCDFSampler)
     pieces: list[tuple[Tensor, ...]] = []
     for start in range(0, prompt_ids.shape[0], chunk):
         ids, mask = prompt_ids[start:start + chunk], prompt_mask[start:start + chunk]
         recorder, chunk_processors = None, processors
         if record_temperature is not None:
-            assert isinstance(processors[-1], InverseCDFSampler), "recording needs the sampler"
+            assert sampling, "recording needs the sampler"
             recorder = StepRecorder(lm, record_temperature)
-            chunk_processors = type(processors)([recorder, *processors[:-1],
-                                                 InverseCDFSampler(on_sample=recorder.take)])
+        if sampling:  # a sampler of the chunk's own, which keeps the chunk's draws
+            sampler = InverseCDFSampler(on_sample=recorder.take if recorder is not None else None)
+            chunk_processors = type(processors)([*([recorder] if recorder else []), *processors[:-1], sampler])
         try:
             with own_generation_defaults(lm):
                 out = lm.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config,
@@ -199,16 +207,19 @@ def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, c
         finally:
             if recorder is not None:
                 recorder.remove()
-        pieces.append((out[:, ids.shape[1]:], *(recorder.result() if recorder is not None else ())))
+        piece = (out[:, ids.shape[1]:],)
+        if sampling:
+            piece += (torch.stack(sampler.logprobs, 1),)
+        if recorder is not None:
+            piece += recorder.result()
+        pieces.append(piece)
     width = max(p[0].shape[1] for p in pieces)
 
     def cat(i: int, value) -> Tensor:  # right-pad each chunk's i-th tensor along its time axis (dim 1)
         return torch.cat([nn.functional.pad(p[i], (0, 0) * (p[i].dim() - 2) + (0, width - p[i].shape[1]), value=value)
                           for p in pieces])
 
-    if record_temperature is None:
-        return Sampled(cat(0, pad))
-    return Sampled(cat(0, pad), cat(1, 0.0), cat(2, 0.0), cat(3, 0.0))
+    return Sampled(cat(0, pad), *(cat(i, 0.0) for i in range(1, len(pieces[0]))))
 
 
 @torch.no_grad()
@@ -292,4 +303,5 @@ def collect(policy: PolicyWithValue, ref: Reference, tokenizer, prompt_token_ids
     m = out.mask.float()
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=out.ids, response_mask=out.mask,
                    logprobs=logprobs * m, ref_logprobs=ref_logprobs * m, values=values * m, entropy=entropy * m,
-                   ended_with_eos=out.ended, prompts=prompts, completions=out.completions, fields=fields)
+                   ended_with_eos=out.ended, prompts=prompts, completions=out.completions, fields=fields,
+                   sampling_logprobs=None if out.sampled.sampling_logprobs is None else out.sampled.sampling_logprobs * m)

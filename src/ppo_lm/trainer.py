@@ -18,6 +18,7 @@ docs/scaling.md).
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import warnings
@@ -29,13 +30,13 @@ import torch
 import yaml
 from torch import Tensor
 
-from . import algo
+from . import algo, evaluate, manifest
 from . import distributed as dist
 from . import checkpoint as ckpt
 from .config import Config
+from .doctor import Monitor, RunFacts
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from .errors import RewardError, TrainingDiverged, UserError
-from .evaluate import distinct_n
 from .models import (PolicyWithValue, Reference, attention_kernel, load_config_checked, load_policy, load_tokenizer,
                      make_reference, parameter_groups, save_policy, trainable_parameters)
 from .rewards import RunningMoments, WeightedSum, build_reward, shape_scores
@@ -284,6 +285,14 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
         "kl_coef": state.kl_controller.value,
         "non_score_reward": (-state.kl_controller.value * kl_seq).mean().item(),
         "entropy": algo.masked_mean(r.entropy, mask).item(),
+        # KL of the distribution the tokens were drawn from (top-k/top-p) to the policy's, per token: 0 when the
+        # rollout samples the policy itself, as PPO's ratio and KL penalty assume
+        "sampling_kl": (0.0 if r.sampling_logprobs is None else
+                        algo.masked_mean(r.sampling_logprobs - r.logprobs, mask).item()),
+        # Pearson correlation of reward and response length over the batch (nan when either is constant): near 1,
+        # the reward pays for length (the run doctor's length_hacking)
+        "reward_length_corr": torch.corrcoef(torch.stack([scored.raw_scores.float(), lengths]))[0, 1].item()
+        if len(lengths) > 1 else float("nan"),
         "policy_loss": train_stats["policy_loss"],
         "value_loss": train_stats["value_loss"],
         "clipfrac": train_stats["clipfrac"],
@@ -297,7 +306,7 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
         "advantage_std": algo.masked_var(scored.advantages, mask).sqrt().item(),
         "response_length": lengths.mean().item(),
         "eos_fraction": r.ended_with_eos.float().mean().item(),
-        "distinct_2": distinct_n(r.completions, 2),
+        "distinct_2": evaluate.distinct_n(r.completions, 2),
         "lr": lr,
         "samples_seen": state.samples_seen,
         "nonfinite_skips": state.nonfinite_skips,
@@ -336,6 +345,9 @@ class Run:
     console: object
     checkpoint: Path | None = None  #: the newest checkpoint written or resumed from
     timer: PhaseTimer = field(default_factory=PhaseTimer)
+    eval_set: PromptDataset | None = None  #: the held-out prompts of train.eval_every
+    best: dict | None = None  #: the best evaluation so far by eval.best_metric (best.json)
+    monitor: Monitor | None = None  #: the run doctor's rules, checked after each iteration
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]{message}[/]")
@@ -345,22 +357,23 @@ def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
           console=None) -> TrainResult:
     """Run PPO as configured. ``reward_fn`` (the reward protocol) replaces ``cfg.reward``; ``records``
     (a list of dicts) replaces ``cfg.data.path``. Returns the trained policy and the metrics."""
-    run = setup(cfg, reward_fn=reward_fn, records=records, console=console)
-    state, interrupted = run.state, False
-    shown = cfg.train.progress and run.accelerator.is_main_process
-    with StopOnSignal() as stop, progress_bar(run.console, cfg.train.iterations, shown, state.iteration) as bar:
-        while state.iteration < cfg.train.iterations:
-            bar(iteration(run))
-            every = cfg.train.checkpoint_every
-            stopping = dist.any_process(run.accelerator, bool(stop.requested))  # a signal to one stops all
-            if stopping or (every and state.iteration % every == 0):
-                run.checkpoint = save_checkpoint(run) or run.checkpoint
-            if stopping and state.iteration < cfg.train.iterations:
-                interrupted = True
-                by = stop.requested or "a signal to another process"
-                run.warn(f"stopped by {by} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
-                break
-    return finish(run, interrupted)
+    with manifest.deterministic(cfg.train.deterministic):
+        run = setup(cfg, reward_fn=reward_fn, records=records, console=console)
+        state, interrupted = run.state, False
+        shown = cfg.train.progress and run.accelerator.is_main_process
+        with StopOnSignal() as stop, progress_bar(run.console, cfg.train.iterations, shown, state.iteration) as bar:
+            while state.iteration < cfg.train.iterations:
+                bar(iteration(run))
+                every = cfg.train.checkpoint_every
+                stopping = dist.any_process(run.accelerator, bool(stop.requested))  # a signal to one stops all
+                if stopping or (every and state.iteration % every == 0):
+                    run.checkpoint = save_checkpoint(run) or run.checkpoint
+                if stopping and state.iteration < cfg.train.iterations:
+                    interrupted = True
+                    by = stop.requested or "a signal to another process"
+                    run.warn(f"stopped by {by} after iteration {state.iteration}; checkpoint: {run.checkpoint}")
+                    break
+        return finish(run, interrupted)
 
 
 def iteration(run: Run) -> dict:
@@ -387,13 +400,67 @@ def iteration(run: Run) -> dict:
     metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0])
     kl = response_kl(everyone)
     state.kl_controller.update(kl, len(indices) * acc.num_processes)
+    every, last = cfg.train.eval_every, state.iteration == cfg.train.iterations
+    if every and (state.iteration % every == 0 or last):
+        with timer("eval"):
+            metrics.update(evaluate_now(run))
+        metrics["time_eval_s"] = timer.seconds["eval"]
+    if run.monitor is not None:  # the doctor's rules over the run so far, this iteration included
+        metrics["doctor"], lines = run.monitor.check([*run.history, metrics])
+        for text in lines if acc.is_main_process else ():
+            run.warn(text)
     run.log.log(metrics, step=state.iteration)  # 5. log
     run.history.append(metrics)
     _check_kl(kl, cfg, state, run.warn)
     k, every = cfg.train.log_samples, cfg.train.log_samples_every
-    if k and every and state.iteration % every == 0 and acc.is_main_process:
-        print_samples(run.console, rollout.prompts, rollout.completions, scored.raw_scores.tolist(), k)
+    if k and acc.is_main_process and (state.iteration == 1 or last or (every and state.iteration % every == 0)):
+        write_samples(run.out / "samples.jsonl", state.iteration, everyone, k)
+        if every and state.iteration % every == 0:
+            print_samples(run.console, rollout.prompts, rollout.completions, scored.raw_scores.tolist(), k)
     return metrics
+
+
+def write_samples(path: Path, iteration: int, scored: ScoredRollout, k: int) -> None:
+    """``samples.jsonl``: the first ``k`` prompts of the batch with their completions and rewards, one line each,
+    at the first and the last iteration and every train.log_samples_every (what ppo-lm report shows)."""
+    r = scored.rollout
+    with path.open("a", encoding="utf-8") as f:
+        for prompt, completion, reward in list(zip(r.prompts, r.completions, scored.raw_scores.tolist()))[:k]:
+            f.write(json.dumps({"iteration": iteration, "prompt": prompt, "completion": completion,
+                                "reward": reward}, ensure_ascii=False) + "\n")
+
+
+def evaluate_now(run: Run) -> dict:
+    """``train.eval_every``: the policy on the held-out prompts (:func:`ppo_lm.evaluate.during_training`) as
+    ``eval/...`` metrics; with ``eval.best_metric``, the policy is kept in ``output_dir/best`` when it is the best
+    so far (best.json says at which iteration and what it measured)."""
+    cfg, acc = run.cfg, run.accelerator
+    with dist.whole(acc, run.policy):
+        result = evaluate.during_training(cfg, run.model, run.tokenizer, run.eval_set, run.reward, acc, acc.autocast)
+        name = cfg.eval.best_metric
+        if name:
+            if name not in result:
+                raise UserError(f"unknown eval metric {name!r} (this run's: {', '.join(result)})", "eval.best_metric")
+            value = result[name]
+            better = run.best is None or (value > run.best["value"] if cfg.eval.best_mode == "max"
+                                          else value < run.best["value"])
+            if better and math.isfinite(value):
+                run.best = {"iteration": run.state.iteration, "metric": name, "value": value, "eval": result}
+                if acc.is_main_process:
+                    save_best(run)
+    return {f"eval/{k}": v for k, v in result.items()}
+
+
+def save_best(run: Run) -> None:
+    """The policy into ``best/`` (written beside it first, then swapped in, so a crash leaves the previous best)."""
+    best, staged, old = run.out / "best", run.out / "best.tmp", run.out / "best.old"
+    shutil.rmtree(staged, ignore_errors=True)
+    save_policy(run.model, run.tokenizer, staged)
+    (staged / "best.json").write_text(json.dumps(run.best, indent=1) + "\n")
+    if best.exists():
+        best.rename(old)
+    staged.rename(best)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def gather_scored(accelerator, scored: ScoredRollout) -> ScoredRollout:
@@ -408,7 +475,8 @@ def gather_scored(accelerator, scored: ScoredRollout) -> ScoredRollout:
                       entropy=rows(r.entropy), ended_with_eos=rows(r.ended_with_eos),
                       prompt_ids=rows(r.prompt_ids, 0, True), prompt_mask=rows(r.prompt_mask, False, True),
                       prompts=dist.gather_list(accelerator, r.prompts),
-                      completions=dist.gather_list(accelerator, r.completions), fields={})
+                      completions=dist.gather_list(accelerator, r.completions), fields={},
+                      sampling_logprobs=None if r.sampling_logprobs is None else rows(r.sampling_logprobs))
     return ScoredRollout(rollout=rollout, scores=rows(scored.scores), raw_scores=rows(scored.raw_scores),
                          kl=rows(scored.kl), rewards=rows(scored.rewards), advantages=rows(scored.advantages),
                          returns=rows(scored.returns))
@@ -434,7 +502,7 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                                        log_with=cfg.train.log_with or None, project_dir=str(out))
     dist.check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
-    tokenizer, dataset = _prompts(cfg, records, warn)
+    tokenizer, dataset, records, eval_set = _prompts(cfg, records, warn)
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
     reward = make_reward(cfg, reward_fn, accelerator.device)
     policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
@@ -458,30 +526,54 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        manifest.write(out, manifest.build(cfg.to_dict(), records, seed=cfg.train.seed, device=str(accelerator.device),
+                                           processes=accelerator.num_processes,
+                                           mixed_precision=cfg.train.mixed_precision,
+                                           deterministic=cfg.train.deterministic))
+        _start_samples(out / "samples.jsonl", state.iteration if resume_from is not None else 0)
         if resume_from is None:
             metrics_path.write_text("")
+            shutil.rmtree(out / "best", ignore_errors=True)  # a best policy of an earlier run is not this run's
     if cfg.train.log_with:
         accelerator.init_trackers("ppo-lm", config=flat_config(cfg.to_dict()))
+    best = out / "best" / "best.json"
     return Run(cfg=cfg, accelerator=accelerator, policy=policy, model=model, reference=reference, tokenizer=tokenizer,
                optimizer=optimizer, scheduler=scheduler, dataset=dataset, reward=reward, state=state,
                generator=generator, out=out, log=MetricsLog(metrics_path, accelerator), history=history,
-               console=console, checkpoint=resume_from.path if resume_from else None)
+               console=console, checkpoint=resume_from.path if resume_from else None, eval_set=eval_set,
+               best=json.loads(best.read_text()) if resume_from is not None and best.is_file() else None,
+               monitor=Monitor(cfg.doctor, RunFacts.of(cfg.to_dict()), history) if cfg.doctor.enabled else None)
 
 
-def _prompts(cfg: Config, records: list[dict] | None, warn) -> tuple[object, PromptDataset]:
-    """The models are checked from their files, then the tokenizer and the prompts are loaded and checked."""
+def _start_samples(path: Path, iteration: int) -> None:
+    """samples.jsonl anew, or (resuming from ``iteration``) without the lines of the iterations after it."""
+    kept = [] if not iteration or not path.is_file() else \
+        [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip() and json.loads(x)["iteration"] <= iteration]
+    path.write_text("".join(x + "\n" for x in kept), encoding="utf-8")
+
+
+def _prompts(cfg: Config, records: list[dict] | None, warn):
+    """The models are checked from their files, then the tokenizer and the prompts (and the held-out prompts of
+    train.eval_every) are loaded and checked. Returns the tokenizer, the prompt dataset, its records and the
+    held-out dataset (or None)."""
     model_config = check_models(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=warn,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
     records = records if records is not None else load_records(cfg.data.path, cfg.data.split)
+    held_out = None
+    if cfg.train.eval_every:
+        held_out = load_records(cfg.eval.data, cfg.data.split)
+        held_out = held_out[:cfg.eval.limit] if cfg.eval.limit else held_out
+    data_cfg = _fit_context(cfg, model_config)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = build_prompt_dataset(records, tokenizer, _fit_context(cfg, model_config),
-                                       source=cfg.data.path or "records")
+        dataset = build_prompt_dataset(records, tokenizer, data_cfg, source=cfg.data.path or "records")
+        eval_set = None if held_out is None else build_prompt_dataset(held_out, tokenizer, data_cfg,
+                                                                      source=cfg.eval.data)
     for w in caught:
         warn(f"warning: {w.message}")
-    return tokenizer, dataset
+    return tokenizer, dataset, records, eval_set
 
 
 def _models(cfg: Config, accelerator, warn):

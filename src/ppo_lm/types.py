@@ -28,6 +28,9 @@ class Rollout:
     prompts: list[str]  #: the B prompt texts the rewards see (the user message, without the chat template)
     completions: list[str]  #: the B decoded responses, without special tokens
     fields: dict = field(default_factory=dict)  #: other dataset columns of the batch, each a list of B values
+    #: [B, T] float, log of each token's probability under the distribution it was drawn from (after top-k/top-p),
+    #: 0 after EOS; None when not recorded
+    sampling_logprobs: Tensor | None = None
 
     def rows(self, idx: list[int]) -> "Rollout":
         """The rollout of the sequences ``idx`` (in that order)."""
@@ -35,7 +38,8 @@ class Rollout:
 
         picked = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
         picked = {k: (v[idx] if isinstance(v, Tensor) else [v[i] for i in idx] if isinstance(v, list)
-                      else {c: [vals[i] for i in idx] for c, vals in v.items()}) for k, v in picked.items()}
+                      else None if v is None else {c: [vals[i] for i in idx] for c, vals in v.items()})
+                  for k, v in picked.items()}
         return replace(self, **picked)
 
     @property
