@@ -52,7 +52,7 @@ def test_round_trip_through_dict():
     (GOOD + "  clip_range: 0\n", "ppo.clip_range", 10, "must be > 0"),
     (GOOD + "  value_lr: -1e-3\n", "ppo.value_lr", 10, "must be > 0"),
     (GOOD.replace("batch_size: 8", "batch_size: 9"), "ppo.num_minibatches", 9, "divisible"),
-    (GOOD + "  kl: {estimator: k2}\n", "ppo.kl.estimator", 10, "one of k1, k3"),
+    (GOOD + "  kl: {estimator: k4}\n", "ppo.kl.estimator", 10, "one of k1, k2, k3"),
     (GOOD + "  gamma: 1.5\n", "ppo.gamma", 10, "in [0, 1]"),
     (GOOD + "train:\n  log_with: [tensorbord]\n", "train.log_with", 11, "unknown tracker"),
     (GOOD + "trainer:\n  x: 1\n", "trainer", 10, "did you mean 'train'"),

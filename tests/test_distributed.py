@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -58,7 +59,12 @@ def one_update(model_dir, out: Path, processes: int, *overrides, env=None) -> di
     ("ppo.gradient_accumulation_steps=2", "reward.normalize=true", "ppo.whiten_rewards=true"),
     # a linear schedule over 4 iterations x 2 steps: its second step must be at 7/8 of lr on 2 processes too
     ("ppo.lr_schedule=linear", "train.iterations=4"),
-], ids=["plain", "accumulation-normalize-whiten", "linear-schedule"])
+    # critic-free: GRPO's groups stay whole on a process; REINFORCE++ whitens over the global batch, with a
+    # per-sequence loss aggregation and the KL loss term over accumulated pieces
+    ("ppo.advantage_estimator=grpo",),
+    ("ppo.advantage_estimator=reinforce_pp", "ppo.loss_aggregation=seq_mean_token_mean", "ppo.kl.loss_coef=0.1",
+     "ppo.gradient_accumulation_steps=2"),
+], ids=["plain", "accumulation-normalize-whiten", "linear-schedule", "grpo", "reinforce_pp-seq-mean-kl-loss"])
 def test_two_processes_make_the_same_update_as_one(tiny_model_dir, tmp_path, overrides):
     """2 processes x 8 prompts and 1 process x 16 prompts, the same sampled batch: the same weights after
     the update, to float tolerance (sums are taken in another order; Adam turns a rounding difference in a
@@ -315,10 +321,20 @@ def test_deepspeed_makes_the_same_update_as_one_process(tiny_model_dir, tmp_path
 
 
 def accelerate_launch(config: str, *args, cwd):
-    return subprocess.run([ACCELERATE, "launch", "--config_file",
-                           str(HERE.parent / "examples" / "accelerate" / config), "-m", "ppo_lm.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env={**DIST_ENV, "DS_ACCELERATOR": "cpu"},
-                          timeout=LIMIT)
+    def launch():
+        return subprocess.run([ACCELERATE, "launch", "--config_file", str(HERE.parent / "examples" / "accelerate" /
+                                                                          config), "-m", "ppo_lm.cli", *map(str, args)],
+                              capture_output=True, text=True, cwd=cwd, env={**DIST_ENV, "DS_ACCELERATOR": "cpu"},
+                              timeout=LIMIT)
+
+    done = launch()
+    # Known flake (2026-12-06, 2 of 7 runs of the zero3-offload example, never the others): a process of
+    # DeepSpeed's CPU offload dies with "terminate called without an active exception" (a C++ std::terminate);
+    # tried once more then, and only then. Any other failure fails the test as it is.
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        warnings.warn(f"{config}: a process aborted in std::terminate; launched again")
+        done = launch()
+    return done
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ rewards, adaptive KL controller), http://joschu.net/blog/kl-approx.html (k1/k3 e
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -155,8 +155,14 @@ def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     return torch.expm1(log_r) - log_r
 
 
-#: The per-token KL estimators by their config name (``ppo.kl_estimator``).
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    """k2 = (log p - log q)^2 / 2: biased, never negative, and its gradient is that of KL(p||q) on samples from p
+    when it is a loss (the reason GRPO-style trainers use it or k3 as a loss term)."""
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+#: The per-token KL estimators by their config name (``ppo.kl.estimator``, ``ppo.kl.loss_estimator``).
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
@@ -200,6 +206,94 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     return advantages, (advantages + values) * m
 
 
+# ------------------------------------------------------------------------------ critic-free estimators
+# The critic-free members of the family replace the value baseline of GAE by one computed from the scores
+# themselves: of the other responses to the same prompt (GRPO, Dr. GRPO, RLOO; ``rollout.samples_per_prompt``
+# responses per prompt, contiguous rows) or of the whole batch (REINFORCE++). Each baseline below maps the
+# sequence scores ``[B]`` to the sequence rewards the policy is trained on; the per-token KL penalty is then added
+# as for GAE and the advantage of a token is its return-to-go (:func:`critic_free_advantages`).
+
+
+def _groups(scores: Tensor, group_size: int) -> Tensor:
+    if scores.shape[0] % group_size:
+        raise ValueError(f"{scores.shape[0]} scores do not split into groups of {group_size}")
+    return scores.view(-1, group_size)
+
+
+def grpo_baseline(scores: Tensor, group_size: int, eps: float = 1e-4) -> Tensor:
+    """GRPO (Shao et al. 2024): ``(r - mean_g) / (std_g + eps)`` within each prompt's group (std unbiased, as in
+    TRL's GRPOTrainer). A group whose responses all scored the same gets 0."""
+    g = _groups(scores, group_size)
+    return ((g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)).flatten()
+
+
+def dr_grpo_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025): ``r - mean_g``, without GRPO's division by the group's std (which weighs the
+    prompts that are too easy or too hard the most); pair it with ``loss_aggregation: seq_mean_token_sum_norm``,
+    its other half (no division by each response's length)."""
+    g = _groups(scores, group_size)
+    return (g - g.mean(1, keepdim=True)).flatten()
+
+
+def rloo_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024): ``r_i - mean_{j != i} r_j``, the mean of the group's other responses, which
+    is ``k / (k - 1) * (r_i - mean_g)`` for groups of ``k``."""
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 responses per prompt")
+    g = _groups(scores, group_size)
+    return ((g * group_size - g.sum(1, keepdim=True)) / (group_size - 1)).flatten()
+
+
+def no_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """REINFORCE++ (Hu 2025): the scores as they are; its baseline is the whitening of the advantages over the
+    whole batch (:func:`critic_free_advantages`)."""
+    return scores
+
+
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the real tokens ``[B, T]`` (0 after EOS)."""
+    m = mask.to(rewards.dtype)
+    rewards = rewards * m
+    out = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running * (m[:, t + 1] if t + 1 < rewards.shape[1] else 0.0)
+        out[:, t] = running
+    return out * m
+
+
+class Estimator(NamedTuple):
+    """One member of the family (``ppo.advantage_estimator``)."""
+
+    name: str
+    baseline: Callable[[Tensor, int], Tensor] | None  # None: GAE, with the critic's values
+    groups: bool  # needs rollout.samples_per_prompt >= 2
+    whiten: bool  # whiten the advantages over the whole batch (REINFORCE++'s baseline)
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    "gae": Estimator("gae", None, groups=False, whiten=False),  # (ppo.whiten_advantages decides for GAE)
+    "grpo": Estimator("grpo", grpo_baseline, groups=True, whiten=False),
+    "dr_grpo": Estimator("dr_grpo", dr_grpo_baseline, groups=True, whiten=False),
+    "rloo": Estimator("rloo", rloo_baseline, groups=True, whiten=False),
+    "reinforce_pp": Estimator("reinforce_pp", no_baseline, groups=False, whiten=True),
+}
+
+
+def critic_free_advantages(name: str, scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float, gamma: float,
+                           group_size: int, reduce=None) -> tuple[Tensor, Tensor]:
+    """Advantages ``[B, T]`` of a critic-free estimator: the baseline of ``name`` applied to the sequence scores,
+    the per-token reward of :func:`per_token_rewards` (``-kl_coef * kl`` on every token, the sequence reward at the
+    last), and each token's return-to-go; REINFORCE++ then whitens them over the batch (``reduce``: the sum over
+    processes). Returns ``(advantages, rewards)``."""
+    est = ESTIMATORS[name]
+    rewards = per_token_rewards(est.baseline(scores, group_size), kl, mask, kl_coef)
+    adv = returns_to_go(rewards, mask, gamma)
+    if est.whiten:
+        adv = masked_whiten(adv, mask, reduce=reduce)
+    return adv, rewards
+
+
 # -------------------------------------------------------------------------------------------- losses
 
 
@@ -207,6 +301,7 @@ class PolicyStats(NamedTuple):
     clipfrac: Tensor  # fraction of tokens where the clipped branch was taken
     approx_kl: Tensor  # k3 estimate of KL(old || new) on the minibatch
     ratio_mean: Tensor
+    dual_clipfrac: Tensor  # fraction of tokens where the dual clip's bound was taken (0 without it)
 
 
 class ValueStats(NamedTuple):
@@ -222,24 +317,65 @@ def token_mean(x: Tensor, mask: Tensor, n_tokens: float | None = None) -> Tensor
     return masked_sum(x, mask.to(x.dtype)) / max(n_tokens, 1e-8)
 
 
+#: How a per-token loss becomes one number (``ppo.loss_aggregation``): the mean over all real tokens of the
+#: minibatch; the mean over sequences of each one's token mean (GRPO's paper: a long response's tokens weigh
+#: less); of each one's token sum (every token weighs the same, the loss grows with length); of each one's token
+#: sum over a constant (Dr. GRPO: ``rollout.max_new_tokens``).
+LOSS_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+
+
+def aggregate(x: Tensor, mask: Tensor, mode: str = "token_mean", *, n_tokens: float | None = None,
+              n_seqs: float | None = None, norm: float = 1.0) -> Tensor:
+    """``x`` ``[B, T]`` reduced by the aggregation ``mode`` (:data:`LOSS_AGGREGATIONS`). ``n_tokens`` and
+    ``n_seqs``: the counts to divide by when the minibatch is split into pieces (see :func:`token_mean`);
+    None: this tensor's own. ``norm``: the constant of ``seq_mean_token_sum_norm``."""
+    if mode == "token_mean":
+        return token_mean(x, mask, n_tokens)
+    m = mask.to(x.dtype)
+    per_seq = (x * m).sum(-1)
+    if mode == "seq_mean_token_mean":
+        per_seq = per_seq / m.sum(-1).clamp(min=1.0)
+    elif mode == "seq_mean_token_sum_norm":
+        per_seq = per_seq / norm
+    elif mode != "seq_mean_token_sum":
+        raise ValueError(f"unknown loss aggregation {mode!r} (one of {', '.join(LOSS_AGGREGATIONS)})")
+    return per_seq.sum() / (x.shape[0] if n_seqs is None else max(n_seqs, 1e-8))
+
+
 def policy_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *, clip_range: float,
-    n_tokens: float | None = None,
+    clip_range_high: float | None = None, dual_clip: float | None = None, log_ratio_clamp: float | None = None,
+    aggregation: str = "token_mean", n_tokens: float | None = None, n_seqs: float | None = None, norm: float = 1.0,
 ) -> tuple[Tensor, PolicyStats]:
     """Clipped surrogate objective, negated for minimisation:
-    ``L = -E[min(r A, clip(r, 1 - eps, 1 + eps) A)]`` with ``r = exp(logprobs - old_logprobs)``,
-    averaged over the real tokens of the minibatch (``n_tokens``: see :func:`token_mean`).
+    ``L = -E[min(r A, clip(r, 1 - eps, 1 + eps_high) A)]`` with ``r = exp(logprobs - old_logprobs)``, reduced by
+    ``aggregation`` (:func:`aggregate`; the default is the mean over the real tokens of the minibatch).
+
+    The variants: ``clip_range_high`` (DAPO's clip-higher, ``eps_high`` > ``eps`` lets unlikely tokens with a
+    positive advantage grow faster; None = ``clip_range``); ``dual_clip`` ``c`` > 1 (Ye et al. 2020) bounds the
+    loss of a token with a negative advantage by ``-c A``, however large its ratio; ``log_ratio_clamp`` clamps
+    ``log r`` to ``[-x, x]`` before the exponential, so one token's runaway ratio cannot overflow.
     """
     log_ratio = logprobs - old_logprobs
+    if log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-log_ratio_clamp, log_ratio_clamp)
     ratio = torch.exp(log_ratio)
+    high = clip_range if clip_range_high is None else clip_range_high
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = token_mean(torch.maximum(unclipped, clipped), mask, n_tokens)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(per_token, dtype=torch.bool)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual = (advantages < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+    loss = aggregate(per_token, mask, aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
     with torch.no_grad():
         stats = PolicyStats(
             clipfrac=masked_mean((clipped > unclipped).float(), mask),
             approx_kl=masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
             ratio_mean=masked_mean(ratio, mask),
+            dual_clipfrac=masked_mean(dual.float(), mask),
         )
     return loss, stats
 

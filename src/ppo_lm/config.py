@@ -81,8 +81,11 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    #: Prompts sampled per PPO iteration (one response each).
+    #: Responses sampled per PPO iteration and process (batch_size / samples_per_prompt prompts).
     batch_size: int = ranged(64, "> 0")
+    #: Responses sampled for each prompt, in a group (null = 4 for the group estimators ppo.advantage_estimator
+    #: grpo, dr_grpo and rloo, which need at least 2; 1 for the others); batch_size must be divisible by it.
+    samples_per_prompt: int | None = ranged(None, "> 0")
     #: Maximum tokens generated per response.
     max_new_tokens: int = ranged(32, "> 0")
     #: Stop a response at the EOS token (false: always generate max_new_tokens).
@@ -141,8 +144,14 @@ class KLConfig:
 
     #: Penalty coefficient beta of the per-token KL in the reward (the starting value when adaptive).
     coef: float = ranged(0.05, ">= 0")
-    #: Per-token KL estimator: k1 (log p - log q) or k3 ((r - 1) - log r).
-    estimator: Literal["k1", "k3"] = "k1"
+    #: Per-token KL estimator of the penalty in the reward: k1 (log p - log q), k2 ((log p - log q)^2 / 2) or
+    #: k3 ((r - 1) - log r, r = q / p).
+    estimator: Literal["k1", "k2", "k3"] = "k1"
+    #: Weight of the KL to the reference as a loss term (GRPO's way; 0 = none). With it, set coef 0 to keep the
+    #: KL out of the reward.
+    loss_coef: float = ranged(0.0, ">= 0")
+    #: Per-token KL estimator of the loss term: k1, k2 or k3.
+    loss_estimator: Literal["k1", "k2", "k3"] = "k3"
     #: Adapt coef so that the KL per response moves toward target (Ziegler et al. 2019).
     adaptive: bool = False
     #: The adaptive controller's target KL, in nats per response.
@@ -192,9 +201,28 @@ class PPOConfig:
     gamma: float = ranged(1.0, "[0, 1]")
     #: GAE lambda.
     gae_lambda: float = ranged(0.95, "[0, 1]")
+    #: How advantages are estimated (docs/estimators.md): gae (a critic's values, GAE), or a critic-free one
+    #: that loads no value head or critic and has no value loss: grpo (group-normalised scores), dr_grpo (group
+    #: mean subtracted, no std), rloo (leave-one-out mean of the group), reinforce_pp (REINFORCE++: scores whitened
+    #: over the batch). grpo, dr_grpo and rloo need rollout.samples_per_prompt >= 2.
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    #: How the per-token policy loss (and the KL and entropy terms) become one number: token_mean (over all
+    #: tokens of the minibatch), seq_mean_token_mean (each response's token mean, then the mean over responses),
+    #: seq_mean_token_sum (each response's token sum), seq_mean_token_sum_norm (... over rollout.max_new_tokens)
+    #: (null = seq_mean_token_sum_norm for dr_grpo, its other half; token_mean for the others).
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+                              "seq_mean_token_sum_norm", None] = None
+    #: Upper clip of the ratio, 1 + clip_range_high (clip-higher of DAPO, e.g. 0.28; null = clip_range).
+    clip_range_high: float | None = ranged(None, "> 0")
+    #: Dual clip: the loss of a token with a negative advantage is at most -dual_clip x advantage (e.g. 3.0;
+    #: null = off).
+    dual_clip: float | None = ranged(None, "> 1")
+    #: Clamp the log-ratio to [-x, x] before exponentiating (e.g. 20; null = off).
+    log_ratio_clamp: float | None = ranged(None, "> 0")
     #: The KL to the reference model: penalty, adaptive controller, guard.
     kl: KLConfig = field(default_factory=KLConfig)
-    #: Whiten advantages over the real tokens of the batch.
+    #: Whiten advantages over the real tokens of the batch (GAE; reinforce_pp always does, the group estimators
+    #: never).
     whiten_advantages: bool = True
     #: Whiten per-token rewards before GAE.
     whiten_rewards: bool = False
@@ -319,6 +347,20 @@ class Config:
     def microbatch_size(self) -> int:
         return self.minibatch_size // self.ppo.gradient_accumulation_steps
 
+    @property
+    def samples_per_prompt(self) -> int:
+        """rollout.samples_per_prompt, or its default for ppo.advantage_estimator."""
+        if self.rollout.samples_per_prompt is not None:
+            return self.rollout.samples_per_prompt
+        return 4 if self.ppo.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1
+
+    @property
+    def loss_aggregation(self) -> str:
+        """ppo.loss_aggregation, or its default for ppo.advantage_estimator."""
+        if self.ppo.loss_aggregation is not None:
+            return self.ppo.loss_aggregation
+        return "seq_mean_token_sum_norm" if self.ppo.advantage_estimator == "dr_grpo" else "token_mean"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -340,6 +382,17 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
         if cfg.task not in tasks.TASKS:
             fail("task", tasks.unknown(cfg.task))
     check_ranges(cfg, fail)
+    from .algo import ESTIMATORS
+
+    k, estimator = cfg.samples_per_prompt, ESTIMATORS[cfg.ppo.advantage_estimator]
+    if cfg.rollout.batch_size % k:
+        fail("rollout.samples_per_prompt", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "
+                                           f"rollout.samples_per_prompt ({k})")
+    if estimator.groups and k < 2:
+        fail("rollout.samples_per_prompt", f"ppo.advantage_estimator {estimator.name} compares the responses to "
+                                           f"one prompt: it needs at least 2 per prompt, got {k}")
+    if estimator.baseline is not None and cfg.model.critic:
+        fail("model.critic", f"ppo.advantage_estimator {estimator.name} uses no critic (only gae does)")
     if cfg.rollout.batch_size % cfg.ppo.num_minibatches:
         fail("ppo.num_minibatches", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "
                                     f"ppo.num_minibatches ({cfg.ppo.num_minibatches})")

@@ -23,7 +23,7 @@ from .errors import ConfigError, closest_name
 # ------------------------------------------------------------------------------------------ ranges
 
 
-RANGES = ("> 0", ">= 0", ">= 2", "[0, 1]", "(0, 1]", "[0, 1)")
+RANGES = ("> 0", ">= 0", "> 1", ">= 2", "[0, 1]", "(0, 1]", "[0, 1)")
 
 
 def ranged(default, rule: str):
@@ -37,10 +37,12 @@ def range_problem(value, rule: str) -> str | None:
     """What is wrong with ``value`` under ``rule``, or None."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"must be a finite number, got {value}"
-    low, high = {"> 0": (0, None), ">= 0": (0, None), ">= 2": (2, None), "[0, 1]": (0, 1), "(0, 1]": (0, 1),
+    low, high = {"> 0": (0, None), ">= 0": (0, None), "> 1": (1, None), ">= 2": (2, None), "[0, 1]": (0, 1), "(0, 1]": (0, 1),
                  "[0, 1)": (0, 1)}[rule]
     if value < low or (high is not None and value > high) or (rule == "[0, 1)" and value >= 1):
         return f"must be {'in ' + rule if high is not None else rule}, got {value}"
+    if value == 1 and rule == "> 1":
+        return f"must be > 1, got {value}"
     if value == 0 and rule in ("> 0", "(0, 1]"):
         return "must be > 0" if rule == "(0, 1]" else f"must be > 0, got {value}"
     return None
@@ -236,7 +238,7 @@ class Builder:
             if isinstance(value, bool) and {"on", "off"} <= set(args):
                 value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
             if value not in args:
-                choices = ", ".join(str(a) for a in args)
+                choices = ", ".join("null" if a is None else str(a) for a in args)
                 close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise located_error(dotted, f"must be one of {choices}, got {value!r}{hint}", self.source, line)

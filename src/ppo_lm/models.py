@@ -49,17 +49,21 @@ class PolicyWithValue(nn.Module):
     """Causal LM plus value head. ``forward`` computes, for the last ``n_response`` tokens of ``input_ids``,
     the logits that predicted them ``[B, T, V]`` and the values of the states before them ``[B, T]``.
 
-    With ``critic`` set, values come from a separate trunk instead of the policy's own.
+    With ``critic`` set, values come from a separate trunk instead of the policy's own. Without a value head
+    (the critic-free estimators), the values are None.
     """
 
-    def __init__(self, lm: nn.Module, value_head: ValueHead, critic: nn.Module | None = None):
+    def __init__(self, lm: nn.Module, value_head: ValueHead | None, critic: nn.Module | None = None):
         super().__init__()
         self.lm = lm
         self.value_head = value_head
         self.critic = critic
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor]:
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.critic is None)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor | None]:
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response,
+                                    want_hidden=self.critic is None and self.value_head is not None)
+        if self.value_head is None:
+            return logits, None
         if self.critic is not None:
             return logits, self.critic_values(input_ids, attention_mask, n_response)
         return logits, self.value_head(hidden)
@@ -446,8 +450,9 @@ def gathered_state_dict(model: nn.Module) -> dict | None:
     return state
 
 
-def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
-    """Build the trainable :class:`PolicyWithValue` from a :class:`~ppo_lm.config.ModelConfig`."""
+def load_policy(model_cfg, *, value_head: bool = True, notice=print) -> PolicyWithValue:
+    """Build the trainable :class:`PolicyWithValue` from a :class:`~ppo_lm.config.ModelConfig`; ``value_head``
+    False: the policy alone (a critic-free estimator)."""
     lm = load_causal_lm(model_cfg.name_or_path, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code)
     if model_cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -463,7 +468,7 @@ def load_policy(model_cfg, *, notice=print) -> PolicyWithValue:
         critic = load_pretrained(AutoModel, path, kind="causal", field="model.critic", dtype=model_cfg.dtype,
                                  trust_remote_code=model_cfg.trust_remote_code)
         hidden_size = critic.config.hidden_size
-    head = ValueHead(hidden_size, model_cfg.value_head_init_std)
+    head = ValueHead(hidden_size, model_cfg.value_head_init_std) if value_head else None
     return PolicyWithValue(lm, head, critic)
 
 
@@ -515,20 +520,23 @@ def parameter_groups(policy: PolicyWithValue, lr: float, value_lr: float | None)
     critic) at ``value_lr``, or in the same group when it is None."""
     if value_lr is None:
         return [{"params": trainable_parameters(policy), "lr": lr}]
-    value_side = [*policy.value_head.parameters(), *(policy.critic.parameters() if policy.critic is not None else ())]
+    value_side = [p for m in (policy.value_head, policy.critic) if m is not None for p in m.parameters()]
     ids = {id(p) for p in value_side}
-    return [{"params": [p for p in trainable_parameters(policy) if id(p) not in ids], "lr": lr},
-            {"params": [p for p in value_side if p.requires_grad], "lr": value_lr}]
+    groups = [{"params": [p for p in trainable_parameters(policy) if id(p) not in ids], "lr": lr},
+              {"params": [p for p in value_side if p.requires_grad], "lr": value_lr}]
+    return [g for g in groups if g["params"]]  # no value side without a critic
 
 
 def save_policy(policy: PolicyWithValue, tokenizer, out_dir: str | Path) -> None:
     """Write the policy so that plain ``transformers`` loads it: LoRA adapters are merged into the weights;
-    safetensors; tokenizer beside it; the value head as ``value_head.safetensors``."""
+    safetensors; tokenizer beside it; the value head (if any) as ``value_head.safetensors``."""
     from safetensors.torch import save_file
 
     lm = copy.deepcopy(policy.lm) if is_lora(policy) else policy.lm  # merging must not touch the live policy
     whole = gathered_state_dict(policy) or {}  # FSDP2's weights, read before saving reshards any of them
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in whole.items() if k.startswith(prefix)}  # noqa: E731
     out = save_merged(lm, tokenizer, out_dir, state_dict=part("lm.") or None)
+    if policy.value_head is None:
+        return
     head = part("value_head.") or policy.value_head.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in head.items()}, str(out / "value_head.safetensors"))

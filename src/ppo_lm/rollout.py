@@ -241,8 +241,10 @@ def score_tokens(policy: PolicyWithValue, ref: Reference, input_ids: Tensor, att
                 del logits
             else:
                 lp, h = sampled.logprobs[s:s + batch_size], sampled.entropy[s:s + batch_size]
-                v = (policy.value_head(sampled.hidden[s:s + batch_size]) if policy.critic is None
-                     else policy.critic_values(ids, mask, n_response))
+                v = (None if policy.value_head is None else policy.critic_values(ids, mask, n_response)
+                     if policy.critic is not None else policy.value_head(sampled.hidden[s:s + batch_size]))
+            if v is None:  # no critic (a critic-free estimator): values of 0, never used
+                v = torch.zeros_like(lp)
             logprobs.append(lp)
             entropy.append(h)
             values.append(v.float())

@@ -6,9 +6,10 @@
    reference logprobs of the sampled tokens (``rollout.collect``).
 2. **score** — the reward sources score each completion, and the scores are shaped (:func:`score`).
 3. **advantages** — per-token reward = ``-kl.coef * KL`` on every token plus the score at the last real token,
-   then GAE over the response tokens and whitening (:func:`advantages`).
-4. **update** — ``ppo.epochs`` passes of shuffled minibatches: clipped surrogate + clipped value loss,
-   gradient accumulation and clipping, learning-rate schedule (:func:`update`).
+   then GAE over the response tokens and whitening (:func:`advantages`); or, critic-free, the score against a
+   baseline from the other responses to the prompt or from the batch, and each token's return-to-go.
+4. **update** — ``ppo.epochs`` passes of shuffled minibatches: clipped surrogate + clipped value loss (+ a KL
+   loss term), gradient accumulation and clipping, learning-rate schedule (:func:`update`).
 5. **log** — one JSON line of metrics per iteration, trackers, progress display.
 
 Device placement, mixed precision, gradient accumulation and several processes go through ``accelerate``; on
@@ -110,12 +111,20 @@ def shape(rollout: Rollout, raw: Tensor, state: TrainState, cfg: Config, acceler
     return shaped[accelerator.process_index * n:(accelerator.process_index + 1) * n]
 
 
-def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, ppo, reduce=None) -> ScoredRollout:
+def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, ppo, reduce=None,
+               group_size: int = 1) -> ScoredRollout:
     """Step 3: per-token reward = ``-kl_coef * KL`` on every response token plus the score at the last one, then
-    GAE advantages and returns (``ppo``: the config's PPO section). ``reduce`` sums over processes, so that
+    GAE advantages and returns (``ppo``: the config's PPO section); a critic-free ``ppo.advantage_estimator``
+    replaces the score by its baseline-subtracted version (groups of ``group_size`` rows: one prompt's responses)
+    and GAE by the return-to-go (:func:`algo.critic_free_advantages`). ``reduce`` sums over processes, so that
     whitening uses the moments of the global batch (None on one process)."""
     mask = rollout.response_mask
     kl = algo.KL_ESTIMATORS[ppo.kl.estimator](rollout.logprobs, rollout.ref_logprobs) * mask
+    if ppo.advantage_estimator != "gae":
+        adv, rewards = algo.critic_free_advantages(ppo.advantage_estimator, scores, kl, mask, kl_coef=kl_coef,
+                                                   gamma=ppo.gamma, group_size=group_size, reduce=reduce)
+        return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards, advantages=adv,
+                             returns=adv)  # (no value target: there is no critic)
     rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
     if ppo.whiten_rewards:
         rewards = algo.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
@@ -141,7 +150,7 @@ def minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
     return dict(input_ids=ids, attention_mask=mask.long(), n_response=last, tokens=r.response_ids[idx, :last],
                 response_mask=response_mask[:, :last], old_logprobs=r.logprobs[idx, :last],
                 old_values=r.values[idx, :last], advantages=scored.advantages[idx, :last],
-                returns=scored.returns[idx, :last])
+                returns=scored.returns[idx, :last], ref_logprobs=r.ref_logprobs[idx, :last])
 
 
 def _first_nonfinite(accelerator, **quantities: torch.Tensor) -> str | None:
@@ -153,25 +162,39 @@ def _first_nonfinite(accelerator, **quantities: torch.Tensor) -> str | None:
     return next((name for name, f in zip(quantities, flags.tolist()) if f > 0), None)
 
 
-def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float):
+def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float, n_seqs: float):
     """The loss of one micro-batch ``b`` (:func:`minibatch`): clipped surrogate + ``vf_coef`` x clipped value
-    loss (- ``ent_coef`` x entropy), each a token sum over ``n_tokens``. Returns the loss, the policy and value
-    losses with their statistics, and the first quantity that is not finite on any process (or None)."""
-    ppo = cfg.ppo
+    loss (+ ``kl.loss_coef`` x KL to the reference, - ``ent_coef`` x entropy). The value loss is a token sum over
+    ``n_tokens``; the other terms are reduced by ``ppo.loss_aggregation`` over ``n_tokens`` or ``n_seqs``. Without
+    a critic there is no value loss (None). Returns the loss, the policy loss with its statistics, the value loss
+    with its statistics, the KL loss (or None), and the first quantity that is not finite on any process (or
+    None)."""
+    ppo, mask = cfg.ppo, b["response_mask"]
+    agg = dict(aggregation=cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=cfg.rollout.max_new_tokens)
     logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
     logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
-    pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], b["response_mask"],
-                                   clip_range=ppo.clip_range, n_tokens=n_tokens)
-    vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], b["response_mask"],
-                                  clip_range=ppo.clip_range_value, n_tokens=n_tokens)
-    loss = pg_loss + ppo.vf_coef * vf_loss
+    pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, clip_range=ppo.clip_range,
+                                   clip_range_high=ppo.clip_range_high, dual_clip=ppo.dual_clip,
+                                   log_ratio_clamp=ppo.log_ratio_clamp, **agg)
+    loss, vf_loss, vf, kl_loss = pg_loss, None, None, None
+    if values is not None:
+        vf_loss, vf = algo.value_loss(values.float(), b["old_values"], b["returns"], mask,
+                                      clip_range=ppo.clip_range_value, n_tokens=n_tokens)
+        loss = loss + ppo.vf_coef * vf_loss
+    if ppo.kl.loss_coef > 0:
+        kl_loss = algo.aggregate(algo.KL_ESTIMATORS[ppo.kl.loss_estimator](logprobs, b["ref_logprobs"]), mask,
+                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs,
+                                 norm=cfg.rollout.max_new_tokens)
+        loss = loss + ppo.kl.loss_coef * kl_loss
     if ppo.ent_coef > 0:
-        entropy = algo.token_mean(algo.entropy_from_logits(logits, cfg.rollout.temperature), b["response_mask"],
-                                  n_tokens)
+        entropy = algo.aggregate(algo.entropy_from_logits(logits, cfg.rollout.temperature), mask,
+                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs,
+                                 norm=cfg.rollout.max_new_tokens)
         loss = loss - ppo.ent_coef * entropy
-    bad = _first_nonfinite(accelerator, logprobs=logprobs * b["response_mask"], values=values * b["response_mask"],
-                           advantages=b["advantages"], policy_loss=pg_loss, value_loss=vf_loss)
-    return loss, (pg_loss, pg), (vf_loss, vf), bad
+    bad = _first_nonfinite(accelerator, logprobs=logprobs * mask,
+                           values=None if values is None else values * mask, advantages=b["advantages"],
+                           policy_loss=pg_loss, value_loss=vf_loss, kl_loss=kl_loss)
+    return loss, (pg_loss, pg), (vf_loss, vf), kl_loss, bad
 
 
 def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
@@ -185,7 +208,8 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
     pieces = accelerator.num_processes * ppo.gradient_accumulation_steps  # the minibatch's share per backward
     params = trainable_parameters(policy)
     stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "loss", "clipfrac",
-                                                      "value_clipfrac", "approx_kl", "ratio", "grad_norm")}
+                                                      "value_clipfrac", "approx_kl", "ratio", "grad_norm",
+                                                      "kl_loss", "dual_clipfrac")}
     n = scored.rollout.response_ids.shape[0]
     policy.train()
     for epoch in range(ppo.epochs):
@@ -195,11 +219,13 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
             # every piece's loss is its token sum over the global minibatch's token count (x pieces, since DDP
             # and gradient accumulation average the pieces): the gradient of the minibatch's token mean
             n_tokens = float(dist.global_sum(accelerator, scored.rollout.response_mask[mb].sum().float())) / pieces
+            n_seqs = len(mb) * accelerator.num_processes / pieces  # (every process has minibatches of one size)
             for micro in mb.split(cfg.microbatch_size):
                 b = minibatch(scored, micro)
                 with accelerator.accumulate(policy), accelerator.autocast(), \
                         attention_kernel(accelerator.device, accelerator.mixed_precision, b["input_ids"].shape[1]):
-                    loss, (pg_loss, pg), (vf_loss, vf), bad = ppo_loss(policy, b, cfg, accelerator, n_tokens)
+                    loss, (pg_loss, pg), (vf_loss, vf), kl_loss, bad = ppo_loss(policy, b, cfg, accelerator,
+                                                                                n_tokens, n_seqs)
                     if bad is None:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
@@ -216,9 +242,11 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                         scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
-                                   ("clipfrac", pg.clipfrac), ("value_clipfrac", vf.clipfrac),
-                                   ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean)):
-                    stats[key].append(float(value.detach()))
+                                   ("clipfrac", pg.clipfrac), ("value_clipfrac", vf and vf.clipfrac),
+                                   ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean), ("kl_loss", kl_loss),
+                                   ("dual_clipfrac", pg.dual_clipfrac)):
+                    if value is not None:
+                        stats[key].append(float(value.detach()))
                 epoch_kl.append(float(pg.approx_kl))
         epoch_kl = dist.global_mean(accelerator, sum(epoch_kl) / len(epoch_kl)) if epoch_kl else None
         if ppo.early_stop_kl is not None and epoch_kl is not None and epoch_kl > ppo.early_stop_kl:
@@ -269,13 +297,15 @@ def _skip(state: TrainState, quantity: str, limit: int, *, counts_toward_limit: 
 
 
 def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainState, seconds: dict,
-                      lr: float) -> dict:
+                      lr: float, *, critic: bool = True) -> dict:
+    """One iteration's metrics (docs/commands.md); ``critic`` False (a critic-free estimator): none of the value
+    function's."""
     r, mask = scored.rollout, scored.rollout.response_mask
     lengths = mask.sum(-1).float()
     kl_seq = scored.kl.sum(-1)  # KL of the whole response, the quantity the penalty controls
     k3_seq = (algo.kl_k3(r.logprobs, r.ref_logprobs) * mask).sum(-1)
     total_s = sum(seconds.get(phase, 0.0) for phase in ("rollout", "score", "train"))  # "generate" is in "rollout"
-    return {
+    metrics = {
         "iteration": state.iteration,
         "reward_mean": scored.raw_scores.mean().item(),
         "reward_std": scored.raw_scores.std().item() if scored.raw_scores.numel() > 1 else 0.0,
@@ -317,6 +347,13 @@ def iteration_metrics(scored: ScoredRollout, train_stats: dict, state: TrainStat
         "time_iteration_s": total_s,
         "tokens_per_s": lengths.sum().item() / total_s if total_s > 0 else 0.0,
     }
+    if not critic:
+        for key in ("value_loss", "value_clipfrac", "explained_variance", "value_mean"):
+            del metrics[key]
+    for key in ("kl_loss", "dual_clipfrac"):  # the options that have them
+        if math.isfinite(train_stats.get(key, float("nan"))):
+            metrics[key] = train_stats[key]
+    return metrics
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -381,7 +418,9 @@ def iteration(run: Run) -> dict:
     cfg, state, timer, acc = run.cfg, run.state, run.timer, run.accelerator
     state.iteration += 1
     timer.reset()
-    indices = state.sampler.next(cfg.rollout.batch_size * acc.num_processes)[acc.process_index::acc.num_processes]
+    k = cfg.samples_per_prompt  # each prompt k times in a row: a group, never split over processes
+    n_prompts = cfg.rollout.batch_size // k * acc.num_processes
+    indices = [i for i in state.sampler.next(n_prompts)[acc.process_index::acc.num_processes] for _ in range(k)]
     prompts, prompt_ids, fields = run.dataset.batch(indices)
     with timer("rollout"), dist.whole(acc, run.policy):  # 1. collect
         rollout = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout,
@@ -392,12 +431,14 @@ def iteration(run: Run) -> dict:
         except RewardError as e:
             raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
         scores = shape(rollout, raw, state, cfg, acc)
-        scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo, reduce=dist.summer(acc))
+        scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo, reduce=dist.summer(acc),
+                            group_size=k)
     with timer("train"):  # 4. update
         stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
     state.samples_seen += len(indices) * acc.num_processes
     everyone = gather_scored(acc, scored)  # metrics and the KL controller see the global batch
-    metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0])
+    metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0],
+                                critic=cfg.ppo.advantage_estimator == "gae")
     kl = response_kl(everyone)
     state.kl_controller.update(kl, len(indices) * acc.num_processes)
     every, last = cfg.train.eval_every, state.iteration == cfg.train.iterations
@@ -581,7 +622,7 @@ def _models(cfg: Config, accelerator, warn):
     by accelerate."""
     from transformers import get_scheduler
 
-    policy = load_policy(cfg.model, notice=warn)
+    policy = load_policy(cfg.model, value_head=cfg.ppo.advantage_estimator == "gae", notice=warn)
     reference = make_reference(policy)
     # fused AdamW: one kernel over all parameters instead of a loop (CPU and CUDA since torch 2.4)
     optimizer = torch.optim.AdamW(parameter_groups(policy, cfg.ppo.lr, cfg.ppo.value_lr), lr=cfg.ppo.lr,

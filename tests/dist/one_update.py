@@ -36,10 +36,11 @@ torch.manual_seed(1234)
 with dist.whole(acc, run.policy):
     full = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout, device=acc.device,
                    forward_batch_size=batch)
-mine = full.rows(list(range(acc.process_index, batch, acc.num_processes)))
+k = cfg.samples_per_prompt  # a process keeps whole groups of k rows: groups rank, rank + world, ...
+mine = full.rows([g * k + j for g in range(acc.process_index, batch // k, acc.num_processes) for j in range(k)])
 raw = score(mine, run.reward, acc)
 scored = advantages(mine, raw, shape(mine, raw, state, cfg, acc), state.kl_controller.value, cfg.ppo,
-                    reduce=dist.summer(acc))
+                    reduce=dist.summer(acc), group_size=k)
 stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
 with dist.whole(acc, run.policy):  # ZeRO-3's shards gathered
     if acc.is_main_process:
