@@ -189,3 +189,15 @@ def test_cli_offers_every_bench_size_and_its_default_precision():
     assert [bench.default_mixed_precision(s) for s in bench.SIZES] == ["no", "no", "no", "bf16"]
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--size", "huge"])
+
+
+def test_bench_config_of_a_critic_free_estimator_matches_trl_grpo_settings(tmp_path):
+    """`ppo-lm bench --estimator grpo` is the configuration of benchmarks/bench_trl_grpo.py: 16 prompts x 4, the KL
+    as a k3 loss term of weight 0.05 and none in the reward, token-mean loss."""
+    from ppo_lm.bench import bench_config
+
+    cfg = bench_config(str(tmp_path), str(tmp_path / "run"), 3, lora=False, mixed_precision="no", estimator="grpo")
+    assert (cfg.rollout.batch_size, cfg.samples_per_prompt) == (64, 4)
+    assert (cfg.ppo.kl.coef, cfg.ppo.kl.loss_coef, cfg.ppo.kl.loss_estimator) == (0.0, 0.05, "k3")
+    assert (cfg.ppo.epochs, cfg.ppo.num_minibatches, cfg.loss_aggregation) == (4, 4, "token_mean")
+    assert bench_config(str(tmp_path), str(tmp_path / "run"), 3, lora=False, mixed_precision="no").ppo.kl.coef == 0.05

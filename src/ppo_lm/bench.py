@@ -96,9 +96,15 @@ def build_models(root: str, size: str) -> None:
 
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
-                 critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False):
+                 critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False,
+                 estimator: str = "gae"):
+    """The benchmark's config. A critic-free ``estimator`` samples 4 responses for each of 16 prompts and, like
+    TRL's GRPOTrainer with ``beta`` 0.05 (benchmarks/bench_trl_grpo.py), has the KL as a k3 loss term of weight
+    0.05 instead of the penalty in the reward."""
     from .config import config_from_dict
 
+    critic_free = {} if estimator == "gae" else {
+        "advantage_estimator": estimator, "kl": {"coef": 0.0, "loss_coef": 0.05, "loss_estimator": "k3"}}
     return config_from_dict({
         "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": "float32",
                   "critic": "policy" if critic else None, "gradient_checkpointing": gradient_checkpointing},
@@ -107,7 +113,7 @@ def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
         "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl": {"coef": 0.05, "estimator": "k1"}, "gamma": 1.0,
                 "gae_lambda": 0.95, "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1,
-                "max_grad_norm": 1.0},
+                "max_grad_norm": 1.0, **critic_free},
         "train": {"output_dir": out_dir, "iterations": iterations, "seed": 42, "progress": False, "log_samples": 0,
                   "save_final": False, "mixed_precision": mixed_precision},
     })
@@ -212,7 +218,8 @@ def peak_rss_mib() -> float:
 
 
 def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str | None = None,
-        critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False) -> dict:
+        critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False,
+        estimator: str = "gae") -> dict:
     """Time ``iterations`` PPO iterations of the benchmark configuration; print and return the JSON record.
     ``mixed_precision`` None: :func:`default_mixed_precision`."""
     from .models import base_model
@@ -231,7 +238,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         build_models_apart(tmp, size)
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
                            critic=critic, gradient_checkpointing=gradient_checkpointing,
-                           recompute_logprobs=recompute_logprobs)
+                           recompute_logprobs=recompute_logprobs, estimator=estimator)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
@@ -243,7 +250,8 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
     peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device, n=n)) for name, dtype in dtypes}
-    settings = {"size": size, "lora": lora, "mixed_precision": mixed_precision, "critic": critic,
+    settings = {"size": size, "estimator": estimator, "lora": lora, "mixed_precision": mixed_precision,
+                "critic": critic,
                 "gradient_checkpointing": gradient_checkpointing, "recompute_logprobs": recompute_logprobs,
                 "policy_params": n_params, "iterations": iterations}
     out = record(settings, result.metrics, flops, peaks, device, peak_rss, peak_gpu)
@@ -285,6 +293,7 @@ def record(settings: dict, metrics: list[dict], flops: dict, peaks: dict, device
         "iteration_tflops": round(sum(flops.values()) / 1e12, 3),
         "warmup_iteration_s": round(metrics[0]["time_iteration_s"], 3),
         "iteration_s": [round(r["time_iteration_s"], 3) for r in metrics],
+        "reward_mean": [round(r["reward_mean"], 4) for r in metrics],
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "peak_gpu_mib": peak_gpu and round(peak_gpu, 1),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),

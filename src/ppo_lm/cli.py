@@ -210,7 +210,7 @@ def cmd_bench(args) -> int:
 
     bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision,
               critic=args.critic, gradient_checkpointing=args.gradient_checkpointing,
-              recompute_logprobs=args.recompute_logprobs)
+              recompute_logprobs=args.recompute_logprobs, estimator=args.estimator)
     return 0
 
 
@@ -323,6 +323,9 @@ def _tool_commands(sub) -> None:
                    help="bf16 autocast over fp32 weights; default: bf16 for qwen0.5b, no for the others")
     b.add_argument("--critic", action="store_true",
                    help="a separate critic started from the policy's weights (like TRL's value model)")
+    b.add_argument("--estimator", choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"], default="gae",
+                   help="ppo.advantage_estimator; a critic-free one samples 16 prompts x 4, with the KL as a k3 "
+                        "loss term of weight 0.05 (as TRL's GRPOTrainer with beta 0.05)")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time)")
     b.add_argument("--recompute-logprobs", action="store_true",
