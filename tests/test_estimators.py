@@ -186,6 +186,7 @@ def test_each_estimator_learns_the_verifiable_task(estimator, tiny_model_dir, tm
     learned(last - first, 0.3, rewards)
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert not {"value_loss", "explained_variance", "value_mean"} & set(row)  # no critic
+    assert not {"kl_loss", "dual_clipfrac"} & set(row)  # options that are off
     assert row["samples_seen"] == 30 * 16
     assert result.policy.value_head is None
     assert not (tmp_path / "final" / "value_head.safetensors").exists()

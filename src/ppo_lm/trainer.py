@@ -244,7 +244,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                 for key, value in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("loss", loss),
                                    ("clipfrac", pg.clipfrac), ("value_clipfrac", vf and vf.clipfrac),
                                    ("approx_kl", pg.approx_kl), ("ratio", pg.ratio_mean), ("kl_loss", kl_loss),
-                                   ("dual_clipfrac", pg.dual_clipfrac)):
+                                   ("dual_clipfrac", None if ppo.dual_clip is None else pg.dual_clipfrac)):
                     if value is not None:
                         stats[key].append(float(value.detach()))
                 epoch_kl.append(float(pg.approx_kl))
