@@ -263,18 +263,25 @@ def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 class Estimator(NamedTuple):
-    """One member of the family (``ppo.advantage_estimator``)."""
+    """One member of the family (``ppo.advantage_estimator``), with the defaults it brings."""
 
     name: str
     baseline: Callable[[Tensor, int], Tensor] | None  # None: GAE, with the critic's values
-    groups: bool  # needs rollout.samples_per_prompt >= 2
+    groups: bool  # needs rollout.samples_per_prompt >= 2 (its default is then 4)
     whiten: bool  # whiten the advantages over the whole batch (REINFORCE++'s baseline)
+    loss_aggregation: str = "token_mean"  # the default of ppo.loss_aggregation
+
+    @property
+    def critic(self) -> bool:
+        """Whether it needs a critic (a value head or model.critic)."""
+        return self.baseline is None
 
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator("gae", None, groups=False, whiten=False),  # (ppo.whiten_advantages decides for GAE)
     "grpo": Estimator("grpo", grpo_baseline, groups=True, whiten=False),
-    "dr_grpo": Estimator("dr_grpo", dr_grpo_baseline, groups=True, whiten=False),
+    "dr_grpo": Estimator("dr_grpo", dr_grpo_baseline, groups=True, whiten=False,
+                         loss_aggregation="seq_mean_token_sum_norm"),
     "rloo": Estimator("rloo", rloo_baseline, groups=True, whiten=False),
     "reinforce_pp": Estimator("reinforce_pp", no_baseline, groups=False, whiten=True),
 }

@@ -348,18 +348,23 @@ class Config:
         return self.minibatch_size // self.ppo.gradient_accumulation_steps
 
     @property
+    def estimator(self):
+        """The :class:`~ppo_lm.algo.Estimator` of ppo.advantage_estimator."""
+        from .algo import ESTIMATORS
+
+        return ESTIMATORS[self.ppo.advantage_estimator]
+
+    @property
     def samples_per_prompt(self) -> int:
         """rollout.samples_per_prompt, or its default for ppo.advantage_estimator."""
         if self.rollout.samples_per_prompt is not None:
             return self.rollout.samples_per_prompt
-        return 4 if self.ppo.advantage_estimator in ("grpo", "dr_grpo", "rloo") else 1
+        return 4 if self.estimator.groups else 1
 
     @property
     def loss_aggregation(self) -> str:
         """ppo.loss_aggregation, or its default for ppo.advantage_estimator."""
-        if self.ppo.loss_aggregation is not None:
-            return self.ppo.loss_aggregation
-        return "seq_mean_token_sum_norm" if self.ppo.advantage_estimator == "dr_grpo" else "token_mean"
+        return self.ppo.loss_aggregation or self.estimator.loss_aggregation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -382,16 +387,14 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
         if cfg.task not in tasks.TASKS:
             fail("task", tasks.unknown(cfg.task))
     check_ranges(cfg, fail)
-    from .algo import ESTIMATORS
-
-    k, estimator = cfg.samples_per_prompt, ESTIMATORS[cfg.ppo.advantage_estimator]
+    k, estimator = cfg.samples_per_prompt, cfg.estimator
     if cfg.rollout.batch_size % k:
         fail("rollout.samples_per_prompt", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "
                                            f"rollout.samples_per_prompt ({k})")
     if estimator.groups and k < 2:
         fail("rollout.samples_per_prompt", f"ppo.advantage_estimator {estimator.name} compares the responses to "
                                            f"one prompt: it needs at least 2 per prompt, got {k}")
-    if estimator.baseline is not None and cfg.model.critic:
+    if not estimator.critic and cfg.model.critic:
         fail("model.critic", f"ppo.advantage_estimator {estimator.name} uses no critic (only gae does)")
     if cfg.rollout.batch_size % cfg.ppo.num_minibatches:
         fail("ppo.num_minibatches", f"rollout.batch_size ({cfg.rollout.batch_size}) must be divisible by "

@@ -120,7 +120,7 @@ def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, pp
     whitening uses the moments of the global batch (None on one process)."""
     mask = rollout.response_mask
     kl = algo.KL_ESTIMATORS[ppo.kl.estimator](rollout.logprobs, rollout.ref_logprobs) * mask
-    if ppo.advantage_estimator != "gae":
+    if not algo.ESTIMATORS[ppo.advantage_estimator].critic:
         adv, rewards = algo.critic_free_advantages(ppo.advantage_estimator, scores, kl, mask, kl_coef=kl_coef,
                                                    gamma=ppo.gamma, group_size=group_size, reduce=reduce)
         return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards, advantages=adv,
@@ -438,7 +438,7 @@ def iteration(run: Run) -> dict:
     state.samples_seen += len(indices) * acc.num_processes
     everyone = gather_scored(acc, scored)  # metrics and the KL controller see the global batch
     metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0],
-                                critic=cfg.ppo.advantage_estimator == "gae")
+                                critic=cfg.estimator.critic)
     kl = response_kl(everyone)
     state.kl_controller.update(kl, len(indices) * acc.num_processes)
     every, last = cfg.train.eval_every, state.iteration == cfg.train.iterations
@@ -622,7 +622,7 @@ def _models(cfg: Config, accelerator, warn):
     by accelerate."""
     from transformers import get_scheduler
 
-    policy = load_policy(cfg.model, value_head=cfg.ppo.advantage_estimator == "gae", notice=warn)
+    policy = load_policy(cfg.model, value_head=cfg.estimator.critic, notice=warn)
     reference = make_reference(policy)
     # fused AdamW: one kernel over all parameters instead of a loop (CPU and CUDA since torch 2.4)
     optimizer = torch.optim.AdamW(parameter_groups(policy, cfg.ppo.lr, cfg.ppo.value_lr), lr=cfg.ppo.lr,
