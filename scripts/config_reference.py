@@ -29,7 +29,7 @@ from ppo_lm.pipeline import PipelineConfig  # noqa: E402
 SCHEMAS = {c.__name__: c for c in (config.Config, config.ModelConfig, config.LoraConfig, config.DataConfig,
                                    config.RolloutConfig, config.RewardConfig, config.RewardSourceConfig,
                                    config.PPOConfig, config.KLConfig, config.TrainConfig, config.EvalConfig,
-                                   config.DoctorConfig, sft.OptimConfig,
+                                   config.DoctorConfig, config.EnvConfig, sft.OptimConfig,
                                    sft.StageRunConfig, sft.SFTDataConfig, reward_model.RMDataConfig, PipelineConfig)}
 PAGES = {"en": ROOT / "docs" / "config.md", "zh": ROOT / "docs" / "config.zh-CN.md"}
 ZH = ROOT / "docs" / "config.zh-CN.yaml"

@@ -5,8 +5,10 @@ Public API::
     from ppo_lm import Config, load_config, train
     cfg = load_config("examples/sentiment.yaml", ["ppo.lr=1e-5"])
     result = train(cfg)                       # or train(cfg, reward_fn=my_reward, records=[{"prompt": ...}])
+    result = train(cfg, env=MyTextEnv)        # episodes of a text environment (ppo_lm.envs, docs/envs.md)
 """
 
+from . import envs  # registers the shipped text environments with gymnasium (ppo_lm/guess-number, ...)
 from .config import Config, config_from_dict, load_config
 from .errors import UserError
 from .rewards import RewardFn
@@ -21,4 +23,4 @@ def train(cfg, **kwargs):
     return _train(cfg, **kwargs)
 
 
-__all__ = ["Config", "RewardFn", "UserError", "config_from_dict", "load_config", "train", "__version__"]
+__all__ = ["Config", "envs", "RewardFn", "UserError", "config_from_dict", "load_config", "train", "__version__"]

@@ -168,16 +168,23 @@ KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token reward of RLHF: ``-kl_coef * kl`` on every real token, plus the sequence score at the last one.
 
-    ``scores``: ``[B]``; ``kl``, ``mask``: ``[B, T]``. A row with no real token gets no score (it has nowhere
-    to go); the caller decides how to treat such rows. Returns ``[B, T]``, 0 after EOS.
+    ``scores``: ``[B]``; ``kl``, ``mask``: ``[B, T]``. The mask may have holes (a multi-turn episode's environment
+    tokens): the score goes to the last real token all the same. A row with no real token gets no score (it has
+    nowhere to go); the caller decides how to treat such rows. Returns ``[B, T]``, 0 where the mask is not set.
     """
     m = mask.to(kl.dtype)
     rewards = -kl_coef * kl * m
-    lengths = m.sum(-1).long()
-    last = (lengths - 1).clamp(min=0)
-    has_token = (lengths > 0).to(kl.dtype)
-    bonus = torch.zeros_like(rewards).scatter(1, last.unsqueeze(1), (scores.to(kl.dtype) * has_token).unsqueeze(1))
-    return rewards + bonus
+    return rewards + at_last_token(scores.to(kl.dtype), mask)
+
+
+def at_last_token(scores: Tensor, mask: Tensor) -> Tensor:
+    """``[B]`` -> ``[B, T]``: each row's score at its last real token (0 elsewhere, and all 0 without one)."""
+    m = mask.bool()
+    T = m.shape[1]
+    last = T - 1 - m.flip(1).long().argmax(1)  # the last set position (0 for an empty row, which gets 0 below)
+    has_token = m.any(1).to(scores.dtype)
+    out = torch.zeros(m.shape, dtype=scores.dtype, device=scores.device)
+    return out.scatter(1, last.unsqueeze(1), (scores * has_token).unsqueeze(1))
 
 
 # ----------------------------------------------------------------------------------------------- GAE
@@ -187,20 +194,24 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     """Generalised advantage estimation over the response tokens (Schulman et al. 2015).
 
     ``rewards``, ``values``, ``mask``: ``[B, T]``. The episode ends after the last real token, so the value
-    bootstrapped there is 0. Returns ``(advantages, returns)``, both ``[B, T]`` and 0 after EOS;
-    ``returns = advantages + values`` is the value target. Advantages are raw: whitening is the caller's.
+    bootstrapped there is 0. Positions outside the mask are skipped, not ended at: in a multi-turn episode the
+    environment's tokens between two turns are no actions, and the state after a turn's last token is the one
+    before the next turn's first (its value is the next one bootstrapped). Returns ``(advantages, returns)``,
+    both ``[B, T]`` and 0 outside the mask; ``returns = advantages + values`` is the value target. Advantages are
+    raw: whitening is the caller's.
     """
     m = mask.to(values.dtype)
     values = values * m
     rewards = rewards * m
-    T = rewards.shape[1]
     last_gae = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])  # V of the next real position (0 after the last)
     advantages = torch.zeros_like(rewards)
-    for t in reversed(range(T)):
-        next_mask = m[:, t + 1] if t + 1 < T else torch.zeros_like(last_gae)
-        next_value = values[:, t + 1] * next_mask if t + 1 < T else torch.zeros_like(last_gae)
+    for t in reversed(range(rewards.shape[1])):
+        real = m[:, t]
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = delta + gamma * lam * next_mask * last_gae
+        # a real position takes its own step; a masked one hands the next real position's quantities on
+        last_gae = real * (delta + gamma * lam * last_gae) + (1 - real) * last_gae
+        next_value = real * values[:, t] + (1 - real) * next_value
         advantages[:, t] = last_gae
     advantages = advantages * m
     return advantages, (advantages + values) * m
@@ -251,13 +262,15 @@ def no_baseline(scores: Tensor, group_size: int) -> Tensor:
 
 
 def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
-    """``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the real tokens ``[B, T]`` (0 after EOS)."""
+    """``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the real tokens ``[B, T]`` (0 outside the mask); masked
+    positions (between the turns of an episode) are skipped, so ``s - t`` counts real tokens only."""
     m = mask.to(rewards.dtype)
     rewards = rewards * m
     out = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
-        running = rewards[:, t] + gamma * running * (m[:, t + 1] if t + 1 < rewards.shape[1] else 0.0)
+        real = m[:, t]
+        running = real * (rewards[:, t] + gamma * running) + (1 - real) * running
         out[:, t] = running
     return out * m
 

@@ -326,6 +326,27 @@ class DoctorConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A text environment (docs/envs.md): episodes of several turns instead of prompts and reward sources."""
+
+    #: The environment: a registered id (ppo_lm/guess-number, ppo_lm/arithmetic, ppo_lm/word-game,
+    #: ppo_lm/single-turn, or any gymnasium id) or "path/to/file.py:Class" / "module:Class"; null = no environment
+    #: (prompts from data.path, rewards from reward.sources).
+    id: str | None = None
+    #: Keyword arguments the environment is made with.
+    kwargs: dict = field(default_factory=dict)
+    #: Turns of the policy per episode at most (an episode still running then is truncated).
+    max_turns: int = ranged(6, "> 0")
+    #: Tokens per episode after the first observation at most (the policy's turns and the environment's replies);
+    #: each turn has rollout.max_new_tokens.
+    max_tokens: int = ranged(256, "> 0")
+    #: Training episodes are reset with seeds drawn from 0..seeds-1 (each once per pass, like prompts).
+    seeds: int = ranged(100_000, "> 0")
+    #: Held-out episodes of train.eval_every and ppo-lm eval (seeds from 1000000000 on, never used in training).
+    eval_episodes: int = ranged(64, "> 0")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -335,6 +356,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     #: Application (qa | text_generation | sentiment_analysis) whose metric `ppo-lm eval` adds; null = none. An
     #: unknown name gets a "did you mean" suggestion. `ppo-lm train` does not use it.
     task: str | None = None
@@ -371,9 +393,10 @@ class Config:
 
 
 def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | None = None,
-             check_paths: bool = True, reward_given: bool = False) -> None:
+             check_paths: bool = True, reward_given: bool = False, env_given: bool = False) -> None:
     """Range and consistency checks. Raises :class:`ConfigError` on the first problem found. ``reward_given``: the
-    reward comes from elsewhere too (a pipeline's reward-model stage), so ``reward.sources`` may be empty."""
+    reward comes from elsewhere too (a pipeline's reward-model stage), so ``reward.sources`` may be empty;
+    ``env_given``: an environment comes from the caller (``train(cfg, env=...)``), as with ``env.id``."""
     lines = lines or {}
 
     def fail(key: str, what: str) -> None:
@@ -406,16 +429,29 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     for tracker in cfg.train.log_with:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             fail("train.log_with", f"unknown tracker {tracker!r} (use tensorboard, wandb or mlflow)")
-    if cfg.train.eval_every and not cfg.eval.data:
+    env = cfg.env.id is not None or env_given
+    if env:
+        for key, value in (("reward.normalize", cfg.reward.normalize), ("reward.clip", cfg.reward.clip),
+                           ("rollout.missing_eos_penalty", cfg.rollout.missing_eos_penalty)):
+            if value not in (None, False):
+                fail(key, "is not used with env: the environment's rewards are used as they are")
+        if cfg.env.seeds > 10 ** 9:
+            fail("env.seeds", f"must be at most 1000000000 (the held-out seeds start there), got {cfg.env.seeds}")
+        if cfg.env.max_tokens < cfg.rollout.max_new_tokens:
+            fail("env.max_tokens", f"({cfg.env.max_tokens}) leaves no room for one turn of rollout.max_new_tokens "
+                                   f"({cfg.rollout.max_new_tokens})")
+    if cfg.train.eval_every and not cfg.eval.data and not env:
         fail("eval.data", "is required when train.eval_every > 0 (the held-out prompts to evaluate on)")
     if cfg.eval.best_metric and not cfg.train.eval_every:
         fail("eval.best_metric", "needs train.eval_every > 0 (the best policy is kept at evaluations)")
     always = ("reward_mean", "reward_std", "response_length", "eos_fraction", "distinct_1", "distinct_2")
+    if env:
+        always = ("success_rate", "return_mean", "turns_mean")
     name = cfg.eval.best_metric
     if name and cfg.task is None and name not in always and not name.startswith("reward["):
         fail("eval.best_metric", f"unknown eval metric {name!r} (without a task: {', '.join(always)} or "
                                  "reward[SOURCE]; a task adds its own, such as f1 or accuracy)")
-    if not cfg.reward.sources and not reward_given:
+    if not cfg.reward.sources and not reward_given and not env:
         fail("reward.sources", "needs at least one reward source")
     for i, src in enumerate(cfg.reward.sources):
         for key, problem in source_problems(src, RewardSourceConfig()):
@@ -426,10 +462,12 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
               ("model.critic", None if cfg.model.critic == "policy" else cfg.model.critic), ("data.path", cfg.data.path),
               ("eval.data", cfg.eval.data)]
     checks += [(f"reward.sources.{i}.path", s.path) for i, s in enumerate(cfg.reward.sources) if s.type == "model"]
+    if cfg.env.id and cfg.env.id.partition(":")[0].endswith(".py"):
+        checks.append(("env.id", cfg.env.id.partition(":")[0]))
     for key, value in checks:
         if value and looks_local(value) and not Path(value).expanduser().exists():
             fail(key, f"no such file or directory: {value}")
-    if not cfg.data.path:
+    if not cfg.data.path and not env:
         fail("data.path", "is required (a .jsonl/.csv/.parquet file, a datasets folder or a hub dataset name)")
 
 

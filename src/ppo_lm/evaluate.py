@@ -96,6 +96,8 @@ def during_training(cfg: Config, model, tokenizer, dataset, reward, accelerator,
 @torch.no_grad()
 def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limit: int | None = None,
              seed: int = 0, batch_size: int = 32, greedy: bool = False, notice=lambda message: None) -> dict:
+    if cfg.env.id is not None:
+        return evaluate_env(cfg, model_path, limit=limit, seed=seed, greedy=greedy)
     check_causal_lm(model_path, "--model")
     if reference is not None:
         check_causal_lm(reference, "--reference")
@@ -115,6 +117,31 @@ def evaluate(cfg: Config, model_path: str, *, reference: str | None = None, limi
     torch.manual_seed(seed)
     with precision(cfg):
         return _evaluate(cfg, model, ref, tokenizer, dataset, reward, model_path, seed, batch_size, greedy)
+
+
+def evaluate_env(cfg: Config, model_path: str, *, limit: int | None = None, seed: int = 0,
+                 greedy: bool = False) -> dict:
+    """A model on the environment's held-out episodes (env.eval_episodes, or ``limit``): success rate, mean
+    return and turns, each episode's return (``scores``, which :func:`compare` pairs) and the first transcripts."""
+    from . import envs, episodes
+    from .data import use_chat_template
+    from .models import load_config_checked
+
+    n = limit or cfg.env.eval_episodes
+    pool = [envs.make(cfg.env.id, cfg.env.kwargs) for _ in range(min(n, cfg.rollout.batch_size))]
+    room = episodes.prompt_room(cfg, load_config_checked(model_path, kind="causal", field="--model",
+                                                         trust_remote_code=False))
+    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, notice=lambda m: None,
+                               field="model.tokenizer" if cfg.model.tokenizer else "--model")
+    model = load_causal_lm(model_path, field="--model").eval()
+    torch.manual_seed(seed)
+    with precision(cfg):
+        summary, played = episodes.evaluate(model, tokenizer, pool, episodes.eval_seeds(n), cfg, greedy=greedy,
+                                            chat=use_chat_template(tokenizer, cfg.data.chat_template),
+                                            max_prompt_tokens=room, device="cpu")
+    return {"model": str(model_path), "samples": n, **summary, "scores": [e.total_reward for e in played],
+            "examples": [{"observation": e.first_observation, "episode": episodes.transcript(e),
+                          "return": e.total_reward, "success": e.success} for e in played[:8]]}
 
 
 def precision(cfg: Config):

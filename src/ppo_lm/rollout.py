@@ -280,14 +280,14 @@ def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: 
     return Responses(response_ids, response_mask, ended, completions, sampled)
 
 
-def _untimed(name: str) -> contextlib.AbstractContextManager:
+def untimed(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
 def collect(policy: PolicyWithValue, ref: Reference, tokenizer, prompt_token_ids: list[list[int]],
             prompts: list[str], fields: dict, cfg, *, device: torch.device, forward_batch_size: int,
             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-            timer: Callable[[str], contextlib.AbstractContextManager] = _untimed) -> Rollout:
+            timer: Callable[[str], contextlib.AbstractContextManager] = untimed) -> Rollout:
     """Sample one response per prompt and return the full :class:`Rollout` (``cfg``: a RolloutConfig). With a
     ``timer`` (a :class:`~ppo_lm.tracking.PhaseTimer`), the sampling alone is timed as "generate"."""
     prompt_ids, prompt_mask = left_pad(prompt_token_ids, tokenizer.pad_token_id)

@@ -31,7 +31,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from . import algo, evaluate, manifest
+from . import algo, episodes, evaluate, manifest
 from . import distributed as dist
 from . import checkpoint as ckpt
 from .config import Config
@@ -125,7 +125,10 @@ def advantages(rollout: Rollout, raw: Tensor, scores: Tensor, kl_coef: float, pp
                                                    gamma=ppo.gamma, group_size=group_size, reduce=reduce)
         return ScoredRollout(rollout=rollout, scores=scores, raw_scores=raw, kl=kl, rewards=rewards, advantages=adv,
                              returns=adv)  # (no value target: there is no critic)
-    rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
+    if rollout.turn_rewards is None:
+        rewards = algo.per_token_rewards(scores, kl, mask, kl_coef)
+    else:  # an environment's episodes: each turn's reward at the turn's last token
+        rewards = -kl_coef * kl + rollout.turn_rewards * mask
     if ppo.whiten_rewards:
         rewards = algo.masked_whiten(rewards, mask, shift_mean=False, reduce=reduce)
     adv, returns = algo.gae(rewards, rollout.values, mask, ppo.gamma, ppo.gae_lambda)
@@ -142,11 +145,11 @@ def minibatch(scored: ScoredRollout, idx: torch.Tensor) -> dict:
     """Slice a minibatch and trim the padding it does not need: left prompt padding shared by all its rows
     and response columns after its longest response."""
     r = scored.rollout
-    prompt_mask, response_mask = r.prompt_mask[idx], r.response_mask[idx]
+    prompt_mask, response_mask, seen = r.prompt_mask[idx], r.response_mask[idx], r.seen_mask[idx]
     first = int(prompt_mask.any(0).float().argmax())  # first prompt column with any real token
-    last = int(response_mask.any(0).nonzero().max()) + 1 if response_mask.any() else 1
+    last = int(seen.any(0).nonzero().max()) + 1 if seen.any() else 1
     ids = torch.cat([r.prompt_ids[idx, first:], r.response_ids[idx, :last]], 1)
-    mask = torch.cat([prompt_mask[:, first:], response_mask[:, :last]], 1)
+    mask = torch.cat([prompt_mask[:, first:], seen[:, :last]], 1)
     return dict(input_ids=ids, attention_mask=mask.long(), n_response=last, tokens=r.response_ids[idx, :last],
                 response_mask=response_mask[:, :last], old_logprobs=r.logprobs[idx, :last],
                 old_values=r.values[idx, :last], advantages=scored.advantages[idx, :last],
@@ -372,8 +375,8 @@ class Run:
     tokenizer: object
     optimizer: torch.optim.Optimizer
     scheduler: object
-    dataset: PromptDataset
-    reward: WeightedSum
+    dataset: PromptDataset | None  #: the prompts (None with an environment: its seeds take their place)
+    reward: WeightedSum | None  #: the reward sources (None with an environment: it scores the episodes)
     state: TrainState
     generator: torch.Generator  #: shuffles the update's minibatches
     out: Path
@@ -385,17 +388,20 @@ class Run:
     eval_set: PromptDataset | None = None  #: the held-out prompts of train.eval_every
     best: dict | None = None  #: the best evaluation so far by eval.best_metric (best.json)
     monitor: Monitor | None = None  #: the run doctor's rules, checked after each iteration
+    envs: list | None = None  #: with an environment, one instance per episode of an iteration on this process
+    play: dict = field(default_factory=dict)  #: how episodes are played: chat (bool) and max_prompt_tokens
 
     def warn(self, message: str) -> None:
         self.console.print(f"[yellow]{message}[/]")
 
 
 def train(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
-          console=None) -> TrainResult:
+          env=None, console=None) -> TrainResult:
     """Run PPO as configured. ``reward_fn`` (the reward protocol) replaces ``cfg.reward``; ``records``
-    (a list of dicts) replaces ``cfg.data.path``. Returns the trained policy and the metrics."""
+    (a list of dicts) replaces ``cfg.data.path``; ``env`` (a text-environment class or factory, made with
+    ``cfg.env.kwargs``; :mod:`ppo_lm.envs`) replaces ``cfg.env.id``. Returns the trained policy and the metrics."""
     with manifest.deterministic(cfg.train.deterministic):
-        run = setup(cfg, reward_fn=reward_fn, records=records, console=console)
+        run = setup(cfg, reward_fn=reward_fn, records=records, env=env, console=console)
         state, interrupted = run.state, False
         shown = cfg.train.progress and run.accelerator.is_main_process
         with StopOnSignal() as stop, progress_bar(run.console, cfg.train.iterations, shown, state.iteration) as bar:
@@ -421,16 +427,25 @@ def iteration(run: Run) -> dict:
     k = cfg.samples_per_prompt  # each prompt k times in a row: a group, never split over processes
     n_prompts = cfg.rollout.batch_size // k * acc.num_processes
     indices = [i for i in state.sampler.next(n_prompts)[acc.process_index::acc.num_processes] for _ in range(k)]
-    prompts, prompt_ids, fields = run.dataset.batch(indices)
     with timer("rollout"), dist.whole(acc, run.policy):  # 1. collect
-        rollout = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout,
-                          device=acc.device, forward_batch_size=cfg.minibatch_size, autocast=acc.autocast, timer=timer)
+        if run.envs is not None:  # an environment's episodes, reset with the sampled seeds
+            rollout = episodes.collect(run.model, run.reference, run.tokenizer, run.envs, indices, cfg, **run.play,
+                                       device=acc.device, forward_batch_size=cfg.minibatch_size,
+                                       autocast=acc.autocast, timer=timer)
+        else:
+            prompts, prompt_ids, fields = run.dataset.batch(indices)
+            rollout = collect(run.model, run.reference, run.tokenizer, prompt_ids, prompts, fields, cfg.rollout,
+                              device=acc.device, forward_batch_size=cfg.minibatch_size, autocast=acc.autocast,
+                              timer=timer)
     with timer("score"):  # 2. score, 3. advantages
-        try:
-            raw = score(rollout, run.reward, acc)
-        except RewardError as e:
-            raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
-        scores = shape(rollout, raw, state, cfg, acc)
+        if rollout.turn_rewards is not None:  # the environment scored each turn: the score is the episode's return
+            raw = scores = rollout.turn_rewards.sum(-1)
+        else:
+            try:
+                raw = score(rollout, run.reward, acc)
+            except RewardError as e:
+                raise RewardError(f"{e.what} (iteration {state.iteration})", e.where) from e
+            scores = shape(rollout, raw, state, cfg, acc)
         scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo, reduce=dist.summer(acc),
                             group_size=k)
     with timer("train"):  # 4. update
@@ -439,6 +454,9 @@ def iteration(run: Run) -> dict:
     everyone = gather_scored(acc, scored)  # metrics and the KL controller see the global batch
     metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0],
                                 critic=cfg.estimator.critic)
+    if run.envs is not None:  # the episodes' success and length, over every process's episodes
+        fields = {k: dist.gather_list(acc, rollout.fields[k]) for k in ("success", "turns")}
+        metrics.update(episodes.summary(fields))
     kl = response_kl(everyone)
     state.kl_controller.update(kl, len(indices) * acc.num_processes)
     every, last = cfg.train.eval_every, state.iteration == cfg.train.iterations
@@ -477,7 +495,11 @@ def evaluate_now(run: Run) -> dict:
     so far (best.json says at which iteration and what it measured)."""
     cfg, acc = run.cfg, run.accelerator
     with dist.whole(acc, run.policy):
-        result = evaluate.during_training(cfg, run.model, run.tokenizer, run.eval_set, run.reward, acc, acc.autocast)
+        if run.envs is not None:
+            result = evaluate_episodes(run)
+        else:
+            result = evaluate.during_training(cfg, run.model, run.tokenizer, run.eval_set, run.reward, acc,
+                                              acc.autocast)
         name = cfg.eval.best_metric
         if name:
             if name not in result:
@@ -490,6 +512,25 @@ def evaluate_now(run: Run) -> dict:
                 if acc.is_main_process:
                     save_best(run)
     return {f"eval/{k}": v for k, v in result.items()}
+
+
+def evaluate_episodes(run: Run) -> dict:
+    """The policy on env.eval_episodes held-out episodes (greedy with eval.greedy, as for prompts), each process
+    its share; the same numbers on every process. The training's random streams are left where they were."""
+    cfg, acc = run.cfg, run.accelerator
+    seeds = episodes.eval_seeds(cfg.env.eval_episodes)[acc.process_index::acc.num_processes]
+    was_training = run.model.training
+    run.model.eval()
+    devices = [acc.device] if acc.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.train.seed + acc.process_index)
+        _, played = episodes.evaluate(run.model.lm, run.tokenizer, run.envs, seeds, cfg, **run.play,
+                                      device=acc.device, autocast=acc.autocast, greedy=cfg.eval.greedy)
+    run.model.train(was_training)
+    success = dist.gather_list(acc, [e.success for e in played])
+    turns = dist.gather_list(acc, [e.turns for e in played])
+    rewards = dist.gather_list(acc, [e.total_reward for e in played])
+    return episodes.summary({"success": success, "turns": turns}, rewards)
 
 
 def save_best(run: Run) -> None:
@@ -517,7 +558,9 @@ def gather_scored(accelerator, scored: ScoredRollout) -> ScoredRollout:
                       prompt_ids=rows(r.prompt_ids, 0, True), prompt_mask=rows(r.prompt_mask, False, True),
                       prompts=dist.gather_list(accelerator, r.prompts),
                       completions=dist.gather_list(accelerator, r.completions), fields={},
-                      sampling_logprobs=None if r.sampling_logprobs is None else rows(r.sampling_logprobs))
+                      sampling_logprobs=None if r.sampling_logprobs is None else rows(r.sampling_logprobs),
+                      context_mask=None if r.context_mask is None else rows(r.context_mask, False),
+                      turn_rewards=None if r.turn_rewards is None else rows(r.turn_rewards))
     return ScoredRollout(rollout=rollout, scores=rows(scored.scores), raw_scores=rows(scored.raw_scores),
                          kl=rows(scored.kl), rewards=rows(scored.rewards), advantages=rows(scored.advantages),
                          returns=rows(scored.returns))
@@ -529,7 +572,7 @@ def response_kl(scored: ScoredRollout) -> float:
     return scored.kl.sum(-1).mean().item()
 
 
-def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None,
+def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict] | None = None, env=None,
           console=None) -> Run:
     """Everything before the first iteration. All that can be wrong with the input is checked before a model
     is loaded, and nothing is written before the models are loaded."""
@@ -543,9 +586,17 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                                        log_with=cfg.train.log_with or None, project_dir=str(out))
     dist.check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
-    tokenizer, dataset, records, eval_set = _prompts(cfg, records, warn)
+    env = env or cfg.env.id
+    envs = play = None
+    if env is None:
+        tokenizer, dataset, records, eval_set = _prompts(cfg, records, warn)
+        reward = make_reward(cfg, reward_fn, accelerator.device)
+    else:
+        envs = [envs_module().make(env, cfg.env.kwargs) for _ in range(cfg.rollout.batch_size)]
+        tokenizer, play = _env_play(cfg, warn)
+        dataset = eval_set = reward = None
+        records = []
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
-    reward = make_reward(cfg, reward_fn, accelerator.device)
     policy, reference, optimizer, scheduler = _models(cfg, accelerator, warn)
     seed = dist.process_seed(cfg.train.seed, accelerator.process_index)
     if seed != cfg.train.seed:  # the models start alike on every process; from here each samples its own stream
@@ -554,7 +605,8 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
     kl = cfg.ppo.kl
     kl_ctl = (algo.AdaptiveKLController(kl.coef, kl.target, kl.horizon) if kl.adaptive
               else algo.FixedKLController(kl.coef))
-    state = TrainState(iteration=0, sampler=PromptSampler(len(dataset), seed=cfg.train.seed, shuffle=cfg.data.shuffle),
+    n_prompts = cfg.env.seeds if envs is not None else len(dataset)  # an environment's seeds are its prompts
+    state = TrainState(iteration=0, sampler=PromptSampler(n_prompts, seed=cfg.train.seed, shuffle=cfg.data.shuffle),
                        kl_controller=kl_ctl)
     generator = torch.Generator().manual_seed(seed)
     metrics_path, history = out / "metrics.jsonl", []
@@ -583,7 +635,27 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                generator=generator, out=out, log=MetricsLog(metrics_path, accelerator), history=history,
                console=console, checkpoint=resume_from.path if resume_from else None, eval_set=eval_set,
                best=json.loads(best.read_text()) if resume_from is not None and best.is_file() else None,
-               monitor=Monitor(cfg.doctor, RunFacts.of(cfg.to_dict()), history) if cfg.doctor.enabled else None)
+               monitor=Monitor(cfg.doctor, RunFacts.of(cfg.to_dict()), history) if cfg.doctor.enabled else None,
+               envs=envs, play=play or {})
+
+
+def envs_module():
+    from . import envs
+
+    return envs
+
+
+def _env_play(cfg: Config, warn):
+    """With an environment: the tokenizer, and how its episodes are played (whether through the chat template,
+    and the first observation's token budget: the model's context less env.max_tokens)."""
+    from .data import use_chat_template
+
+    model_config = check_models(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
+                               trust_remote_code=cfg.model.trust_remote_code, notice=warn,
+                               field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
+    room = episodes.prompt_room(cfg, model_config)
+    return tokenizer, {"chat": use_chat_template(tokenizer, cfg.data.chat_template), "max_prompt_tokens": room}
 
 
 def _start_samples(path: Path, iteration: int) -> None:

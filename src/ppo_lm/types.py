@@ -2,7 +2,10 @@
 
 Shapes: ``B`` sequences, ``P`` prompt tokens (left-padded), ``T`` response tokens (right-padded).
 Per-token tensors are ``[B, T]`` and index the *response* tokens; ``response_mask`` is True for real response
-tokens up to and including EOS and False for the padding after it.
+tokens up to and including EOS and False for the padding after it. In a multi-turn episode (a text environment,
+:mod:`ppo_lm.envs`) the response is everything after the first observation: the policy's turns, whose tokens are
+the actions (``response_mask``), and the environment's replies between them, which are context only
+(``context_mask`` is True for both).
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ class Rollout:
     #: [B, T] float, log of each token's probability under the distribution it was drawn from (after top-k/top-p),
     #: 0 after EOS; None when not recorded
     sampling_logprobs: Tensor | None = None
+    #: [B, T] bool, True for every real token after the prompt, the environment's replies included; None: the
+    #: same as response_mask (one turn, no environment)
+    context_mask: Tensor | None = None
+    #: [B, T] float, an environment's reward for each turn at the turn's last token (0 elsewhere); None: one score
+    #: per sequence, from the reward sources
+    turn_rewards: Tensor | None = None
 
     def rows(self, idx: list[int]) -> "Rollout":
         """The rollout of the sequences ``idx`` (in that order)."""
@@ -54,7 +63,12 @@ class Rollout:
         """[B, P + T] bool."""
         import torch
 
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        return torch.cat([self.prompt_mask, self.seen_mask], dim=1)
+
+    @property
+    def seen_mask(self) -> Tensor:
+        """[B, T] bool, the response tokens the model attends to (context_mask, or response_mask without one)."""
+        return self.response_mask if self.context_mask is None else self.context_mask
 
 
 @dataclass(frozen=True, kw_only=True)
