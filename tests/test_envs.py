@@ -379,31 +379,57 @@ def test_single_turn_environment_trains_like_prompts(tiny_model_dir, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- learning
 
-GUESS_WORDS = [str(i) for i in range(1, 9)] + \
-    "I am thinking of a number from to . Guess it : reply with one will say higher or lower Reply Correct !".split()
+def env_results():
+    """scripts/env_results.py, which measures the same configuration over seeds for docs/envs.md."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "env_results.py"
+    spec = importlib.util.spec_from_file_location("env_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.learning
 @pytest.mark.slow
 def test_ppo_learns_to_guess_the_number_on_a_small_model(tmp_path, learned):
     """ppo_lm/guess-number over 1..8 with 6 turns, a random-init 2-layer GPT-2 (64 wide) over the game's words,
-    one token per turn, 200 iterations of 64 episodes (about 35 s). The training reward is the success rate;
-    the rise is from its mean over the first 20 iterations to that over the last 20. Greedy success on 64
-    held-out secrets is measured too (the note and docs/envs.md give the spread)."""
-    tok = toy.word_tokenizer(GUESS_WORDS)
-    model_dir = toy.save_model(toy.gpt2(tok, n_layer=2, n_embd=64, n_head=2, n_positions=128, seed=0), tok,
-                               tmp_path / "model")
-    cfg = config_from_dict({"model": {"name_or_path": str(model_dir)},
-                            "env": {"id": "ppo_lm/guess-number", "kwargs": {"high": 8}, "max_turns": 6,
-                                    "max_tokens": 64, "eval_episodes": 64},
-                            "rollout": {"batch_size": 64, "max_new_tokens": 1},
-                            "ppo": {"lr": 3e-3, "num_minibatches": 2, "kl": {"coef": 0.01}},
-                            "train": {"output_dir": str(tmp_path / "run"), "iterations": 200, "eval_every": 50,
-                                      "progress": False, "log_samples": 0, "save_final": False,
-                                      "seed": LEARNING_SEED}})
-    result = train(cfg)
+    one token per turn, 200 iterations of 64 episodes (about 35 s; scripts/env_results.py's configuration). The
+    training reward is the success rate; the rise is from its mean over the first 20 iterations to that over the
+    last 20. Measured (2026-12-06, seeds 0-4 x ATEN_CPU_CAPABILITY avx512/avx2/default on a 2-core x86_64;
+    scripts/learning_spread.py -k guess re-runs it): rises 0.300 0.451 0.225 0.565 0.479 / 0.490 0.458 0.575
+    0.446 0.543 / 0.444 0.452 0.171 0.459 0.523, lowest 0.171, mean 0.439; the bar, 0.1, is 60% of the lowest,
+    as for the other learning tests. Greedy held-out success after training: 0.19 to 1.0 by seed."""
+    results = env_results()
+    model_dir = results.build_model(tmp_path / "model")
+    result = train(results.config(model_dir, tmp_path / "run", LEARNING_SEED))
     rewards = [m["reward_mean"] for m in result.metrics]
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     evals = [m["eval/success_rate"] for m in result.metrics if "eval/success_rate" in m]
-    learned(last - first, 0.15, {"first": first, "last": last, "eval": evals})
-    assert result.metrics[-1]["turns_mean"] < result.metrics[0]["turns_mean"]  # found sooner, too
+    learned(last - first, 0.1, {"first": first, "last": last, "eval": evals})
+    turns = [m["turns_mean"] for m in result.metrics]
+    assert sum(turns[-20:]) < sum(turns[:20])  # found sooner, too
+
+
+def test_two_processes_play_their_own_episodes_and_write_one_set_of_files(word_model, tmp_path):
+    """Under torchrun (2 processes, gloo): each process plays its share of the episodes; the metrics and the
+    held-out evaluation are over both, written once."""
+    from test_distributed import torchrun
+
+    (tmp_path / "parrot.py").write_text(USER_ENV)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""model: {{name_or_path: {word_model}}}
+env: {{id: {tmp_path / 'parrot.py'}:Parrot, max_turns: 3, max_tokens: 40, eval_episodes: 6}}
+rollout: {{batch_size: 4, max_new_tokens: 3}}
+ppo: {{lr: 1.0e-3, num_minibatches: 2}}
+train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, eval_every: 2, log_samples: 2,
+         save_final: false}}
+""")
+    done = torchrun("-m", "ppo_lm.cli", "train", cfg, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[-1]["samples_seen"] == 2 * 4 * 2 and rows[-1]["turns_mean"] == 2.0
+    # 6 held-out episodes, 3 a process: a success rate in sixths
+    assert round(rows[-1]["eval/success_rate"] * 6, 6) == round(rows[-1]["eval/success_rate"] * 6)

@@ -748,7 +748,8 @@ def finish(run: Run, interrupted: bool) -> TrainResult:
     """After the last iteration: the training plot and the final model (unless interrupted), trackers closed."""
     run.accelerator.wait_for_everyone()
     if run.accelerator.is_main_process and not interrupted and run.history:
-        plot_metrics(run.history, run.out / "training.png", keys=("reward_mean", "kl", "entropy", "value_loss"))
+        plot_metrics(run.history, run.out / "training.png",
+                     keys=("reward_mean", "success_rate", "kl", "entropy", "value_loss"))
     if run.cfg.train.save_final and not interrupted:
         with dist.whole(run.accelerator, run.policy):  # ZeRO-3's or FSDP2's shards gathered: a whole model
             if run.accelerator.is_main_process:
