@@ -373,10 +373,9 @@ def _first_process() -> bool:
 def _end_process_group() -> None:
     """Under torchrun, leave the process group as the command ends (torch warns about one left open)."""
     if "torch" in sys.modules:
-        import torch.distributed as dist
+        from .distributed import end_process_group
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":

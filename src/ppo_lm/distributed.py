@@ -13,6 +13,7 @@ network: launching is ``torchrun`` or ``accelerate launch`` (docs/scaling.md).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from pathlib import Path
@@ -97,7 +98,22 @@ def accelerator_for(console, *, cpu: bool, **kwargs):
         unset_hf_deepspeed_config()
     if not accelerator.is_main_process:
         console.quiet = True
+    if world(accelerator) > 1:
+        atexit.register(end_process_group)
     return accelerator
+
+
+def end_process_group() -> None:
+    """Destroy the process group (every group) if one is still up: at the end of a command, and at the exit of
+    any process that made one through :func:`accelerator_for` (an ``atexit`` handler, which runs while the
+    interpreter is whole). A group left to the interpreter's finalisation can abort the process with
+    "terminate called without an active exception": gloo's worker threads may still hold work objects whose
+    tensors reach into Python, which is being torn down (pytorch/pytorch PR 179291 describes it; torch 2.13
+    does not destroy groups at exit itself). Seen here in 2-process runs that never destroyed their group."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def engine() -> str:

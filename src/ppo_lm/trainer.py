@@ -3,7 +3,9 @@
 :func:`train` is :func:`setup` once, then :func:`iteration` until done. One iteration:
 
 1. **collect** — sample a response per prompt with the current policy; keep old logprobs, values and
-   reference logprobs of the sampled tokens (``rollout.collect``).
+   reference logprobs of the sampled tokens (``rollout.collect``). With a text environment (``env.id``), play
+   an episode per seed instead, turn after turn (``episodes.collect``): the environment's replies are context,
+   its rewards come per turn.
 2. **score** — the reward sources score each completion, and the scores are shaped (:func:`score`).
 3. **advantages** — per-token reward = ``-kl.coef * KL`` on every token plus the score at the last real token,
    then GAE over the response tokens and whitening (:func:`advantages`); or, critic-free, the score against a
@@ -36,6 +38,7 @@ from . import distributed as dist
 from . import checkpoint as ckpt
 from .config import Config
 from .doctor import Monitor, RunFacts
+from .envs import make as make_env
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from .errors import RewardError, TrainingDiverged, UserError
 from .models import (PolicyWithValue, Reference, attention_kernel, load_config_checked, load_policy, load_tokenizer,
@@ -592,7 +595,7 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
         tokenizer, dataset, records, eval_set = _prompts(cfg, records, warn)
         reward = make_reward(cfg, reward_fn, accelerator.device)
     else:
-        envs = [envs_module().make(env, cfg.env.kwargs) for _ in range(cfg.rollout.batch_size)]
+        envs = [make_env(env, cfg.env.kwargs) for _ in range(cfg.rollout.batch_size)]
         tokenizer, play = _env_play(cfg, warn)
         dataset = eval_set = reward = None
         records = []
@@ -637,12 +640,6 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                best=json.loads(best.read_text()) if resume_from is not None and best.is_file() else None,
                monitor=Monitor(cfg.doctor, RunFacts.of(cfg.to_dict()), history) if cfg.doctor.enabled else None,
                envs=envs, play=play or {})
-
-
-def envs_module():
-    from . import envs
-
-    return envs
 
 
 def _env_play(cfg: Config, warn):
