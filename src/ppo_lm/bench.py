@@ -97,8 +97,8 @@ def build_models(root: str, size: str) -> None:
 
 def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_precision: str,
                  critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False,
-                 estimator: str = "gae"):
-    """The benchmark's config. A critic-free ``estimator`` samples 4 responses for each of 16 prompts and, like
+                 estimator: str = "gae", engine: str = "hf"):
+    """The benchmark's config (``engine``: rollout.engine). A critic-free ``estimator`` samples 4 responses for each of 16 prompts and, like
     TRL's GRPOTrainer with ``beta`` 0.05 (benchmarks/bench_trl_grpo.py), has the KL as a k3 loss term of weight
     0.05 instead of the penalty in the reward."""
     from .config import config_from_dict
@@ -109,7 +109,7 @@ def bench_config(root: str, out_dir: str, iterations: int, *, lora: bool, mixed_
         "model": {"name_or_path": f"{root}/policy", "lora": {"enabled": lora}, "dtype": "float32",
                   "critic": "policy" if critic else None, "gradient_checkpointing": gradient_checkpointing},
         "rollout": {"batch_size": 64, "max_new_tokens": 32, "stop_at_eos": False, "temperature": 1.0, "top_k": 0,
-                    "top_p": 1.0, "recompute_logprobs": recompute_logprobs},
+                    "top_p": 1.0, "recompute_logprobs": recompute_logprobs, "engine": engine},
         "reward": {"sources": [{"type": "model", "path": f"{root}/reward"}]},
         "ppo": {"epochs": 4, "num_minibatches": 4, "lr": 1e-5, "kl": {"coef": 0.05, "estimator": "k1"}, "gamma": 1.0,
                 "gae_lambda": 0.95, "clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1,
@@ -219,7 +219,7 @@ def peak_rss_mib() -> float:
 
 def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_precision: str | None = None,
         critic: bool = False, gradient_checkpointing: bool = False, recompute_logprobs: bool = False,
-        estimator: str = "gae") -> dict:
+        estimator: str = "gae", engine: str = "hf") -> dict:
     """Time ``iterations`` PPO iterations of the benchmark configuration; print and return the JSON record.
     ``mixed_precision`` None: :func:`default_mixed_precision`."""
     from .models import base_model
@@ -238,7 +238,7 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         build_models_apart(tmp, size)
         cfg = bench_config(tmp, os.path.join(tmp, "run"), iterations, lora=lora, mixed_precision=mixed_precision,
                            critic=critic, gradient_checkpointing=gradient_checkpointing,
-                           recompute_logprobs=recompute_logprobs, estimator=estimator)
+                           recompute_logprobs=recompute_logprobs, estimator=estimator, engine=engine)
         records = [{"prompt": p} for p in synthetic_prompts()]
         result = train(cfg, records=records)
         peak_rss = peak_rss_mib()  # before anything else allocates
@@ -246,12 +246,12 @@ def run(size: str = "tiny", iterations: int = 4, *, lora: bool = False, mixed_pr
         n_params = sum(p.numel() for p in result.policy.lm.parameters())
         base = base_model(result.policy.lm)
         flops = model_flops(base, batch=64, prompt_len=16, new_tokens=32, epochs=4, critic=critic,
-                            recompute_logprobs=recompute_logprobs)
+                            recompute_logprobs=recompute_logprobs or engine != "hf")
     # On a shared machine a slow spell during the first measurement would overstate the efficiency (even past
     # 100%): measure again after the run and keep the better of the two.
     peaks = {name: max(peaks[name], matmul_peak_flops(dtype, device, n=n)) for name, dtype in dtypes}
-    settings = {"size": size, "estimator": estimator, "lora": lora, "mixed_precision": mixed_precision,
-                "critic": critic,
+    settings = {"size": size, "estimator": estimator, "engine": engine, "lora": lora,
+                "mixed_precision": mixed_precision, "critic": critic,
                 "gradient_checkpointing": gradient_checkpointing, "recompute_logprobs": recompute_logprobs,
                 "policy_params": n_params, "iterations": iterations}
     out = record(settings, result.metrics, flops, peaks, device, peak_rss, peak_gpu)

@@ -210,7 +210,7 @@ def cmd_bench(args) -> int:
 
     bench.run(size=args.size, iterations=args.iterations, lora=args.lora, mixed_precision=args.mixed_precision,
               critic=args.critic, gradient_checkpointing=args.gradient_checkpointing,
-              recompute_logprobs=args.recompute_logprobs, estimator=args.estimator)
+              recompute_logprobs=args.recompute_logprobs, estimator=args.estimator, engine=args.engine)
     return 0
 
 
@@ -326,6 +326,8 @@ def _tool_commands(sub) -> None:
     b.add_argument("--estimator", choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"], default="gae",
                    help="ppo.advantage_estimator; a critic-free one samples 16 prompts x 4, with the KL as a k3 "
                         "loss term of weight 0.05 (as TRL's GRPOTrainer with beta 0.05)")
+    b.add_argument("--engine", choices=["hf", "batch"], default="hf",
+                   help="rollout.engine: hf (generate) or batch (transformers' continuous batching)")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time)")
     b.add_argument("--recompute-logprobs", action="store_true",

@@ -99,8 +99,12 @@ class RolloutConfig:
     #: Generate in chunks of this many prompts (null = the whole batch at once).
     generation_batch_size: int | None = ranged(None, "> 0")
     #: Recompute the policy's old logprobs, entropies and values with a teacher-forced forward after sampling
-    #: (false: record them while sampling, which saves that forward).
+    #: (false: record them while sampling, which saves that forward; the hf engine only).
     recompute_logprobs: bool = False
+    #: Sampling engine (docs/PERFORMANCE.md): "hf" (transformers' generate, recording the old logprobs while
+    #: sampling) or "batch" (transformers' continuous batching, generate_batch: paged KV cache, no padding; the
+    #: old logprobs from a teacher-forced forward after it).
+    engine: Literal["hf", "batch"] = "hf"
     #: Score given to responses that end without EOS instead of their reward (null = keep their reward).
     missing_eos_penalty: float | None = None
 
