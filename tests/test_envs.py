@@ -457,7 +457,9 @@ def test_ppo_learns_the_word_game_on_a_small_model(tmp_path, learned):
     words, one token per turn, 200 iterations of 64 episodes (about 40 s). Guessing listed words at random finds
     the secret within 4 turns 68% of the time; the letter feedback is needed beyond that. The rise is that of
     the training success from the first 20 iterations to the last 20. Measured (2026-12-06, seeds 0-4 x
-    ATEN_CPU_CAPABILITY avx512/avx2/default on a 2-core x86_64): SPREAD"""
+    ATEN_CPU_CAPABILITY avx512/avx2/default on a 2-core x86_64; scripts/learning_spread.py -k word re-runs it):
+    rises 0.438 0.603 0.262 0.529 0.508 / 0.254 0.277 0.258 0.520 0.456 / 0.554 0.387 0.286 0.433 0.259, lowest
+    0.254, mean 0.402; the bar, 0.15, is 60% of the lowest."""
     words = WORD_GAME_WORDS + ("Guess my secret four-letter word . For each letter I answer + ( right place ) , ? "
                                "elsewhere in the or - not in it Reply with one Correct ! :").split()
     tok = toy.word_tokenizer(words)
@@ -475,4 +477,4 @@ def test_ppo_learns_the_word_game_on_a_small_model(tmp_path, learned):
     rewards = [m["reward_mean"] for m in result.metrics]
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     evals = [m["eval/success_rate"] for m in result.metrics if "eval/success_rate" in m]
-    learned(last - first, 0.1, {"first": first, "last": last, "eval": evals})
+    learned(last - first, 0.15, {"first": first, "last": last, "eval": evals})

@@ -1,0 +1,97 @@
+"""The rollout engines side by side (issue 23): ``ppo-lm bench`` with ``--engine hf`` and ``--engine batch`` on
+the bench shapes (seconds per iteration, generated tokens per second; ``--rounds`` alternations per size), and
+generation alone on SmolLM2-135M-Instruct in bf16 autocast: 64 chat prompts x 32 sampled tokens, then ragged
+answers (up to 128 tokens, each ending at its end of turn), each engine twice, alternating. Writes
+docs/perf/engines.json.
+
+    python benchmarks/bench_engines.py [--sizes tiny small] [--rounds 2 1] [--smollm2 models/SmolLM2-...gguf]
+    python benchmarks/bench_engines.py --sizes          # generation on SmolLM2 only, the bench rows kept
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(size: str, engine: str, iterations: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "ppo_lm.cli", "bench", "--size", size, "--engine", engine,
+                          "--iterations", str(iterations)], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def generation(model: str, engine: str, n: int = 64, new_tokens: int = 32, stop_at_eos: bool = False) -> dict:
+    """Tokens per second of sampling ``new_tokens`` for ``n`` chat prompts with the engine (no training); with
+    ``stop_at_eos`` each answer ends at its end-of-turn token, so the lengths are ragged."""
+    import torch
+
+    from ppo_lm.config import RolloutConfig
+    from ppo_lm.models import load_causal_lm, load_tokenizer
+    from ppo_lm.rollout import left_pad, sample_responses
+
+    tok, lm = load_tokenizer(model, notice=lambda m: None), load_causal_lm(model).eval()
+    texts = [f"Write one sentence about the number {i}." for i in range(n)]
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for t in texts]
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    cfg = RolloutConfig(batch_size=n, max_new_tokens=new_tokens, stop_at_eos=stop_at_eos, engine=engine)
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample_responses(lm, tok, ids[:4], mask[:4], cfg)  # warm-up
+        start = time.perf_counter()
+        out = sample_responses(lm, tok, ids, mask, cfg)
+        seconds = time.perf_counter() - start
+    tokens = int(out.mask.sum())
+    return {"engine": engine, "prompts": n, "max_new_tokens": new_tokens, "stop_at_eos": stop_at_eos,
+            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="*", default=["tiny", "small"])
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--rounds", type=int, nargs="+", default=[2, 1],
+                        help="rounds of (hf, batch) per size, in the order of --sizes (the last one repeats)")
+    parser.add_argument("--smollm2", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    args = parser.parse_args()
+    import torch
+
+    result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
+              f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}",
+              "torch": torch.__version__, "command": "python benchmarks/bench_engines.py " + " ".join(sys.argv[1:]),
+              "bench": [], "generation": []}
+    for i, size in enumerate(args.sizes):
+        for engine in ("hf", "batch") * args.rounds[min(i, len(args.rounds) - 1)]:
+            r = bench(size, engine, args.iterations)
+            row = {"size": size, "engine": engine, "seconds_per_iteration": r.get("seconds_per_iteration"),
+                   "rollout_s": r.get("rollout_s"), "generate_s": r.get("generate_s"),
+                   "generated_tokens_per_s": r.get("generated_tokens_per_s"), "tokens_per_s": r.get("tokens_per_s"),
+                   "peak_rss_mib": r.get("peak_rss_mib")}
+            print(json.dumps(row), flush=True)
+            result["bench"].append(row)
+    out = ROOT / "docs" / "perf" / "engines.json"
+    if not args.sizes and out.exists():  # generation only: keep the bench rows of the last full run
+        result["bench"] = json.loads(out.read_text())["bench"]
+    if args.smollm2 and Path(args.smollm2).exists():
+        # fixed lengths (32 tokens each), then ragged ones (up to 128, each answer ending at its end of turn)
+        for new_tokens, stop in ((32, False), (128, True)):
+            for engine in ("hf", "batch", "hf", "batch"):
+                row = generation(args.smollm2, engine, new_tokens=new_tokens, stop_at_eos=stop)
+                print(json.dumps(row), flush=True)
+                result["generation"].append(row)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
