@@ -135,6 +135,8 @@ def test_single_turn_is_the_one_step_case_with_the_reward_sources():
     assert (reward, terminated, truncated) == (1.0, True, False)
     env.reset(seed=2)
     assert env.step("y")[1] == 0.0
+    other = SingleTurn(records=[{"prompt": "p"}], reward={"sources": [{"type": "exact_match"}]})
+    assert other.reward_fn is env.unwrapped.reward_fn  # one reward per process, not one per environment
 
 
 def test_make_names_the_field_for_unknown_or_bad_environments(tmp_path):
@@ -145,6 +147,9 @@ def test_make_names_the_field_for_unknown_or_bad_environments(tmp_path):
         make("ppo_lm/guess-number", {"hihg": 3})
     with pytest.raises(UserError, match="no such file"):
         make(f"{tmp_path}/none.py:Env")
+    with pytest.raises(UserError, match="must be above low"):  # the environment's own ValueError, as one line
+        make("ppo_lm/guess-number", {"low": 5, "high": 2})
+    assert make("ppo_lm:ppo_lm/word-game").reset(seed=0)[0].startswith("Guess")  # gymnasium's module:id form
 
 
 # ---------------------------------------------------------------------------------- GAE across turns
@@ -185,7 +190,8 @@ def test_returns_to_go_and_the_last_token_score_skip_the_holes():
 
 
 class Countdown(TextEnv):
-    """Ends after ``seed % 3 + 1`` turns; reward 1 per turn, 10 at the end; replies "go on"."""
+    """Ends after ``seed % 3 + 1`` turns; reward 1 per turn, 10 at the end; replies "d e"; says success only at
+    the end."""
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -196,7 +202,7 @@ class Countdown(TextEnv):
         self.actions.append(action)
         self.left -= 1
         done = self.left == 0
-        return "d e", 10.0 if done else 1.0, done, False, {"success": done}
+        return "d e", 10.0 if done else 1.0, done, False, {"success": True} if done else {}
 
 
 @pytest.fixture(scope="module")
@@ -254,13 +260,16 @@ def test_limits_end_episodes_the_environment_would_continue(word_model, tmp_path
 
     tokenizer, lm = load_tokenizer(str(word_model)), load_causal_lm(str(word_model))
     cfg = env_config(word_model, tmp_path, env={"max_turns": 2})
-    played = episodes.play(lm, tokenizer, [Countdown() for _ in range(3)], [2, 5, 8], cfg.rollout, cfg.env,
-                           chat=False, max_prompt_tokens=50)
-    assert [e.turns for e in played] == [2, 2, 2] and not any(e.terminated for e in played)
+    played = episodes.play(lm, tokenizer, [Countdown() for _ in range(3)], [0, 5, 8], cfg, chat=False,
+                           max_prompt_tokens=50)
+    assert [e.turns for e in played] == [1, 2, 2] and [e.terminated for e in played] == [True, False, False]
+    # Countdown says success only at its end: the two episodes cut off at 2 turns count as failures
+    assert [e.success for e in played] == [True, None, None]
+    assert episodes.summary(played)["success_rate"] == pytest.approx(1 / 3)
     # max_tokens 8: after a first turn of up to 3 tokens and a reply of 2 there is no room for 3 more
     cfg = env_config(word_model, tmp_path, env={"max_tokens": 7})
-    played = episodes.play(lm, tokenizer, [Countdown() for _ in range(3)], [2, 5, 8], cfg.rollout, cfg.env,
-                           chat=False, max_prompt_tokens=50)
+    played = episodes.play(lm, tokenizer, [Countdown() for _ in range(3)], [2, 5, 8], cfg, chat=False,
+                           max_prompt_tokens=50)
     assert all(len(e.tokens) <= 7 for e in played)
 
 
@@ -270,9 +279,13 @@ def test_chat_template_replies_close_the_turn_and_open_the_next(word_model):
     tokenizer = load_tokenizer(str(word_model))
     tokenizer.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}<eos>\n{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    before, after, end = episodes.reply_template(tokenizer, chat=True)
-    assert (before, after, end) == ("<eos>\n<user>", "<eos>\n<assistant>", "<eos>")
-    assert episodes.reply_template(tokenizer, chat=False) == ("\n", "\n", None)
+    template = episodes.reply_template(tokenizer, chat=True)
+    assert template == ("<eos>\n<user>", "<eos>\n<assistant>")
+    # a turn that ended with its stop token does not get a second one; a turn cut off by the token limit does
+    assert episodes.reply_text(template, "hi", "<eos>") == "\n<user>hi<eos>\n<assistant>"
+    assert episodes.reply_text(template, "hi", None) == "<eos>\n<user>hi<eos>\n<assistant>"
+    assert episodes.reply_text(template, "hi", "<end_of_turn>") == "<eos>\n<user>hi<eos>\n<assistant>"
+    assert episodes.reply_template(tokenizer, chat=False) == ("\n", "\n")
 
 
 # ------------------------------------------------------------------------------- config and commands
@@ -285,13 +298,20 @@ def test_env_config_checks():
     for section, key, value, message in [("reward", "normalize", True, "not used with env"),
                                          ("rollout", "missing_eos_penalty", -1.0, "not used with env"),
                                          ("env", "max_tokens", 8, "leaves no room for one turn"),
-                                         ("env", "seeds", 2 * 10 ** 9, "at most 1000000000")]:
+                                         ("env", "seeds", 2 * 10 ** 7, "at most 10000000")]:
         with pytest.raises(ConfigError, match=message) as e:
             config_from_dict({**base, section: {**base.get(section, {}), key: value}})
         assert f"{section}.{key}" in str(e.value)
     with pytest.raises(ConfigError, match="unknown eval metric"):
         config_from_dict({**base, "train": {"eval_every": 2}, "eval": {"best_metric": "f1"}})
     config_from_dict({**base, "train": {"eval_every": 2}, "eval": {"best_metric": "success_rate"}})
+    # an environment passed to train(cfg, env=...) instead of env.id: the same checks, when told
+    without_id = {"model": {"name_or_path": "m"}, "train": {"eval_every": 2}, "eval": {"best_metric": "success_rate"}}
+    with pytest.raises(ConfigError, match="eval.data"):
+        config_from_dict(without_id)
+    config_from_dict(without_id, env_given=True)
+    with pytest.raises(ConfigError, match="reward.normalize"):
+        config_from_dict({**without_id, "reward": {"normalize": True}}, env_given=True)
 
 
 USER_ENV = '''
@@ -353,6 +373,19 @@ train: {{output_dir: {tmp_path / 'run'}}}
     out = cli("train", cfg)
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
     assert "env.id" in out.stderr and "did you mean 'ppo_lm/guess-number'" in out.stderr
+    assert not (tmp_path / "run").exists()
+    # a first observation that does not fit beside env.max_tokens in the model's 128 positions: refused before
+    # the models load, naming the setting that leaves too little room
+    (tmp_path / "long.py").write_text(USER_ENV.replace('return f"say {self.word}", {}',
+                                                       'return "say " + "a " * 100 + self.word, {}'))
+    cfg.write_text(f"""model: {{name_or_path: {word_model}}}
+env: {{id: {tmp_path / 'long.py'}:Parrot, max_tokens: 60}}
+rollout: {{max_new_tokens: 4}}
+train: {{output_dir: {tmp_path / 'run'}}}
+""")
+    out = cli("train", cfg)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert "env.max_tokens" in out.stderr and "102 tokens, more than the 68" in out.stderr
     assert not (tmp_path / "run").exists()
 
 

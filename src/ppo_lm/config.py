@@ -344,7 +344,7 @@ class EnvConfig:
     #: Tokens per episode after the first observation at most (the policy's turns and the environment's replies);
     #: each turn has rollout.max_new_tokens.
     max_tokens: int = ranged(256, "> 0")
-    #: Training episodes are reset with seeds drawn from 0..seeds-1 (each once per pass, like prompts).
+    #: Training episodes are reset with seeds drawn from 0..seeds-1 (each once per pass, like prompts; at most 10^7).
     seeds: int = ranged(100_000, "> 0")
     #: Held-out episodes of train.eval_every and ppo-lm eval (seeds from 1000000000 on, never used in training).
     eval_episodes: int = ranged(64, "> 0")
@@ -439,8 +439,8 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
                            ("rollout.missing_eos_penalty", cfg.rollout.missing_eos_penalty)):
             if value not in (None, False):
                 fail(key, "is not used with env: the environment's rewards are used as they are")
-        if cfg.env.seeds > 10 ** 9:
-            fail("env.seeds", f"must be at most 1000000000 (the held-out seeds start there), got {cfg.env.seeds}")
+        if cfg.env.seeds > 10 ** 7:  # the sampler keeps a shuffled order of them in memory
+            fail("env.seeds", f"must be at most 10000000, got {cfg.env.seeds}")
         if cfg.env.max_tokens < cfg.rollout.max_new_tokens:
             fail("env.max_tokens", f"({cfg.env.max_tokens}) leaves no room for one turn of rollout.max_new_tokens "
                                    f"({cfg.rollout.max_new_tokens})")
@@ -495,20 +495,21 @@ def migrate_renamed(raw: dict, source: str = "config", defaults: dict | None = N
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
-                check_paths: bool = True, schema: type = None, reward_given: bool = False):
+                check_paths: bool = True, schema: type = None, reward_given: bool = False, env_given: bool = False):
     """Read a YAML config (or start from defaults when ``path`` is None), apply ``key=value`` overrides and
     validate everything. ``schema`` defaults to the PPO :class:`Config`; a stage's schema brings its own check
-    (``schema.validate_config``). Raises :class:`ConfigError` naming the field, file and line. ``reward_given``:
-    see :func:`validate`."""
+    (``schema.validate_config``). Raises :class:`ConfigError` naming the field, file and line. ``reward_given``,
+    ``env_given``: see :func:`validate`."""
     if schema is None or schema is Config:
-        check = functools.partial(validate, reward_given=reward_given)
+        check = functools.partial(validate, reward_given=reward_given, env_given=env_given)
         return load(Config, path, overrides, renamed=RENAMED, check=check, check_paths=check_paths)
     return load(schema, path, overrides, check=schema.validate_config, check_paths=check_paths)
 
 
-def config_from_dict(data: dict, *, check_paths: bool = False) -> Config:
-    """Build and validate a :class:`Config` from a plain nested dict (library use)."""
+def config_from_dict(data: dict, *, check_paths: bool = False, env_given: bool = False) -> Config:
+    """Build and validate a :class:`Config` from a plain nested dict (library use). ``env_given``: the environment
+    will be passed to ``train(cfg, env=...)`` (see :func:`validate`)."""
     data = migrate_renamed(copy.deepcopy(data))
     cfg = Builder("config").build(Config, data, "", None)
-    validate(cfg, source="config", lines={}, check_paths=check_paths)
+    validate(cfg, source="config", lines={}, check_paths=check_paths, env_given=env_given)
     return cfg

@@ -23,28 +23,35 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .rollout import untimed, left_pad, sample_responses, score_tokens, stop_token_ids
+from .rollout import left_pad, sample_responses, score_tokens, untimed
 from .types import Rollout
 
 #: Placeholders for finding what a chat template writes around a message.
 _USER, _ASSISTANT, _REPLY = "PPOLMUSERMSG", "PPOLMASSISTANTMSG", "PPOLMREPLYMSG"
 
 
-def reply_template(tokenizer, chat: bool) -> tuple[str, str, str | None]:
-    """How an environment's reply is written into the context, as ``(before, after, end_of_turn)``: the text is
-    ``before + reply + after``. With a chat template, ``before`` closes the policy's turn and opens a user message,
-    ``after`` closes it and opens the next assistant turn (what the template itself writes there), and
-    ``end_of_turn`` is the text that closes an assistant turn (dropped from ``before`` when the policy's reply
-    already ended with it). Without one, a reply is a line of its own."""
+def reply_template(tokenizer, chat: bool) -> tuple[str, str]:
+    """How an environment's reply is written into the context, as ``(before, after)``: the text is
+    ``before + reply + after``. With a chat template, ``before`` closes the policy's turn and opens a user message
+    and ``after`` closes it and opens the next assistant turn (what the template itself writes there); when the
+    policy's turn already ended with the token that closes a turn, its text is dropped from ``before``
+    (:func:`reply_text`). Without a template, a reply is a line of its own."""
     if not chat:
-        return "\n", "\n", None
+        return "\n", "\n"
     messages = [{"role": "user", "content": _USER}, {"role": "assistant", "content": _ASSISTANT},
                 {"role": "user", "content": _REPLY}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     start, mid = text.index(_ASSISTANT) + len(_ASSISTANT), text.index(_REPLY)
-    before, after = text[start:mid], text[mid + len(_REPLY):]
-    end = tokenizer.eos_token if tokenizer.eos_token and before.startswith(tokenizer.eos_token) else None
-    return before, after, end
+    return text[start:mid], text[mid + len(_REPLY):]
+
+
+def reply_text(template: tuple[str, str], reply: str, stop_text: str | None) -> str:
+    """The context text of an environment's reply; ``stop_text``: the text of the stop token that ended the
+    policy's turn (EOS, or a chat model's end-of-turn token), which is not written twice."""
+    before, after = template
+    if stop_text and before.startswith(stop_text):
+        before = before[len(stop_text):]
+    return before + reply + after
 
 
 @dataclass
@@ -69,6 +76,25 @@ class Episode:
         return sum(self.rewards.values())
 
 
+def first_prompts(tokenizer, envs: list, seeds: list[int], cfg, *, chat: bool, max_prompt_tokens: int) -> list[Episode]:
+    """An episode per environment, reset with its seed: its first observation as the prompt (through the chat
+    template with ``chat``). A prompt over ``max_prompt_tokens`` (:func:`prompt_room`) is refused, naming the
+    setting that limits it."""
+    from .data import format_prompt
+
+    episodes = []
+    for seed, observation in zip(seeds, reset_all(envs, seeds)):
+        prompt = tokenizer(format_prompt(tokenizer, observation, chat), add_special_tokens=not chat)["input_ids"]
+        if len(prompt) > max_prompt_tokens:
+            field = "data.max_prompt_tokens" if max_prompt_tokens == cfg.data.max_prompt_tokens else "env.max_tokens"
+            room = "" if field == "data.max_prompt_tokens" else \
+                f" the model's context leaves beside env.max_tokens ({cfg.env.max_tokens})"
+            raise UserError(f"the first observation of episode seed {seed} has {len(prompt)} tokens, more than the "
+                            f"{max_prompt_tokens}{room}", field)
+        episodes.append(Episode(prompt=prompt, first_observation=observation))
+    return episodes
+
+
 def reset_all(envs: list, seeds: list[int]) -> list[str]:
     """The first observation of each environment, reset with its seed."""
     observations = []
@@ -82,24 +108,15 @@ def reset_all(envs: list, seeds: list[int]) -> list[str]:
 
 
 @torch.no_grad()
-def play(lm: nn.Module, tokenizer, envs: list, seeds: list[int], rollout_cfg, env_cfg, *, chat: bool,
+def play(lm: nn.Module, tokenizer, envs: list, seeds: list[int], cfg, *, chat: bool,
          max_prompt_tokens: int, greedy: bool = False, device: torch.device | str = "cpu",
          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> list[Episode]:
-    """Play one episode per environment (reset with its seed) to its end; ``rollout_cfg`` samples each turn
-    (``max_new_tokens`` per turn), ``env_cfg`` bounds the episode (``max_turns``, ``max_tokens`` after the prompt);
+    """Play one episode per environment (reset with its seed) to its end: ``cfg.rollout`` samples each turn
+    (``max_new_tokens`` per turn), ``cfg.env`` bounds the episode (``max_turns``, ``max_tokens`` after the prompt);
     ``greedy``: decode greedily (evaluation)."""
-    from .data import format_prompt
-
-    before, after, end_of_turn = reply_template(tokenizer, chat)
-    stops = stop_token_ids(tokenizer, lm)
-    episodes = []
-    for seed, observation in zip(seeds, reset_all(envs, seeds)):
-        prompt = tokenizer(format_prompt(tokenizer, observation, chat), add_special_tokens=not chat)["input_ids"]
-        if len(prompt) > max_prompt_tokens:
-            raise UserError(f"the first observation of episode seed {seed} has {len(prompt)} tokens, more than the "
-                            f"{max_prompt_tokens} the model's context leaves beside env.max_tokens "
-                            f"({env_cfg.max_tokens})", "env.max_tokens")
-        episodes.append(Episode(prompt=prompt, first_observation=observation))
+    rollout_cfg, env_cfg = cfg.rollout, cfg.env
+    template = reply_template(tokenizer, chat)
+    episodes = first_prompts(tokenizer, envs, seeds, cfg, chat=chat, max_prompt_tokens=max_prompt_tokens)
     budget = rollout_cfg.max_new_tokens
     for turn in range(env_cfg.max_turns):
         running = [i for i, e in enumerate(episodes) if not e.done]
@@ -128,8 +145,8 @@ def play(lm: nn.Module, tokenizer, envs: list, seeds: list[int], rollout_cfg, en
             if terminated or truncated:
                 e.done, e.terminated = True, bool(terminated)
                 continue
-            text = (before[len(end_of_turn):] if end_of_turn and e.ended_with_eos else before) + str(reply) + after
-            reply_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            stop_text = tokenizer.decode(action[-1:]) if e.ended_with_eos else None
+            reply_ids = tokenizer(reply_text(template, str(reply), stop_text), add_special_tokens=False)["input_ids"]
             if turn + 1 == env_cfg.max_turns or len(e.tokens) + len(reply_ids) + budget > env_cfg.max_tokens:
                 e.done = True  # no room for another turn: truncated
                 continue
@@ -180,7 +197,7 @@ def collect(policy, ref, tokenizer, envs: list, seeds: list[int], cfg, *, chat: 
     was_training = policy.training
     policy.eval()
     with timer("generate"):
-        episodes = play(policy.lm, tokenizer, envs, seeds, cfg.rollout, cfg.env, chat=chat,
+        episodes = play(policy.lm, tokenizer, envs, seeds, cfg, chat=chat,
                         max_prompt_tokens=max_prompt_tokens, device=device, autocast=autocast)
     parts = to_rollout(episodes, seeds, tokenizer, device)
     input_ids = torch.cat([parts["prompt_ids"], parts["response_ids"]], 1)
@@ -208,9 +225,8 @@ def summary(episodes_or_fields, rewards: list[float] | None = None) -> dict:
     out = {"turns_mean": sum(turns) / max(1, len(turns))}
     if rewards is not None:
         out["return_mean"] = sum(rewards) / max(1, len(rewards))
-    reported = [s for s in success if s is not None]
-    if reported:
-        out["success_rate"] = sum(reported) / len(reported)
+    if any(s is not None for s in success):  # an episode cut off before the environment said counts as failed
+        out["success_rate"] = sum(bool(s) for s in success) / len(success)
     return out
 
 
@@ -221,7 +237,7 @@ def evaluate(lm: nn.Module, tokenizer, envs: list, seeds: list[int], cfg, *, cha
     episodes: list[Episode] = []
     for start in range(0, len(seeds), len(envs)):
         chunk = seeds[start:start + len(envs)]
-        episodes += play(lm, tokenizer, envs[:len(chunk)], chunk, cfg.rollout, cfg.env, chat=chat,
+        episodes += play(lm, tokenizer, envs[:len(chunk)], chunk, cfg, chat=chat,
                          max_prompt_tokens=max_prompt_tokens, greedy=greedy, device=device, autocast=autocast)
     return summary(episodes), episodes
 

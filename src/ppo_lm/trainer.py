@@ -589,6 +589,10 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                                        log_with=cfg.train.log_with or None, project_dir=str(out))
     dist.check_lora(accelerator, cfg.model.lora.enabled)
     seed_everything(cfg.train.seed)
+    if env is not None:  # the checks of an environment run, which config_from_dict could not know of
+        from .config import validate
+
+        validate(cfg, check_paths=False, env_given=True)
     env = env or cfg.env.id
     envs = play = None
     if env is None:
@@ -596,7 +600,7 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
         reward = make_reward(cfg, reward_fn, accelerator.device)
     else:
         envs = [make_env(env, cfg.env.kwargs) for _ in range(cfg.rollout.batch_size)]
-        tokenizer, play = _env_play(cfg, warn)
+        tokenizer, play = _env_play(cfg, envs[0], warn)
         dataset = eval_set = reward = None
         records = []
     resume_from = ckpt.find_resume(out, cfg.to_dict(), warn) if cfg.train.resume == "auto" else None
@@ -642,17 +646,20 @@ def setup(cfg: Config, *, reward_fn: Callable | None = None, records: list[dict]
                envs=envs, play=play or {})
 
 
-def _env_play(cfg: Config, warn):
+def _env_play(cfg: Config, env, warn):
     """With an environment: the tokenizer, and how its episodes are played (whether through the chat template,
-    and the first observation's token budget: the model's context less env.max_tokens)."""
+    and the first observation's token budget: the model's context less env.max_tokens). One episode's first
+    observation is checked against that budget here, before any model loads."""
     from .data import use_chat_template
 
     model_config = check_models(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                trust_remote_code=cfg.model.trust_remote_code, notice=warn,
                                field="model.tokenizer" if cfg.model.tokenizer else "model.name_or_path")
-    room = episodes.prompt_room(cfg, model_config)
-    return tokenizer, {"chat": use_chat_template(tokenizer, cfg.data.chat_template), "max_prompt_tokens": room}
+    play = {"chat": use_chat_template(tokenizer, cfg.data.chat_template),
+            "max_prompt_tokens": episodes.prompt_room(cfg, model_config)}
+    episodes.first_prompts(tokenizer, [env], [0], cfg, **play)
+    return tokenizer, play
 
 
 def _start_samples(path: Path, iteration: int) -> None:

@@ -23,6 +23,7 @@ the config (``env: {id: path/to/file.py:MyEnv}``) or pass it to ``ppo_lm.train(c
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any, Callable
 
@@ -58,7 +59,8 @@ class TextEnv(gymnasium.Env):
 
 
 class SingleTurn(TextEnv):
-    """A prompt dataset and a reward as one-step episodes: ``reset(seed)`` gives prompt ``seed % len(records)``,
+    """A prompt dataset and a reward as one-step episodes: ``reset(seed)`` gives prompt ``seed % len(records)``
+    (so held-out seeds land on the same prompts: evaluate on held-out prompts without an environment),
     ``step(answer)`` scores it and ends the episode. ``records``: dicts with a ``prompt`` (their other fields go to
     the reward, as in a dataset), or ``data``: a dataset file; ``reward_fn`` (the reward protocol) or ``reward``:
     a reward section as in a config (``{"sources": [...]}``)."""
@@ -73,11 +75,7 @@ class SingleTurn(TextEnv):
         if reward_fn is None:
             if reward is None:
                 raise UserError("single-turn needs reward_fn or reward (a reward section)", "env.kwargs")
-            from ..config import RewardConfig
-            from ..configfile import Builder
-            from ..rewards import build_reward
-
-            reward_fn = build_reward(Builder("env.kwargs.reward").build(RewardConfig, reward, "", None))
+            reward_fn = _shared_reward(reward)
         self.reward_fn, self.prompt_field = reward_fn, prompt_field
         self.record: dict = {}
 
@@ -92,6 +90,24 @@ class SingleTurn(TextEnv):
         fields = {k: [v] for k, v in self.record.items() if k != self.prompt_field}
         reward = float(self.reward_fn([prompt], [action], fields)[0])
         return "", reward, True, False, {}
+
+
+_REWARDS: dict[str, Callable] = {}
+
+
+def _shared_reward(section: dict) -> Callable:
+    """The reward of a reward section, built once per process however many environments use it (the trainer
+    makes one environment per episode, and a reward model should load once)."""
+    import json
+
+    from ..config import RewardConfig
+    from ..configfile import Builder
+    from ..rewards import build_reward
+
+    key = json.dumps(section, sort_keys=True, default=str)
+    if key not in _REWARDS:
+        _REWARDS[key] = build_reward(Builder("env.kwargs.reward").build(RewardConfig, section, "", None))
+    return _REWARDS[key]
 
 
 #: The shipped environments: id -> entry point (``module:Class``).
@@ -117,7 +133,9 @@ def make(spec: str | type | Callable, kwargs: dict | None = None, field: str = "
     kwargs = dict(kwargs or {})
     register()
     if isinstance(spec, str):
-        if spec in gymnasium.registry:
+        module, _, name = spec.rpartition(":")
+        if spec in gymnasium.registry or (module and not module.endswith(".py") and re.search(r"/|-v\d+$", name)):
+            # a registered id, or gymnasium's own "module:Namespace/Name-v0" (the module registers it on import)
             factory = lambda **kw: gymnasium.make(spec, **kw)  # noqa: E731
         elif ":" in spec and not spec.startswith("ppo_lm/"):
             from ..rewards.python import import_function
@@ -136,7 +154,7 @@ def make(spec: str | type | Callable, kwargs: dict | None = None, field: str = "
         env = factory(**kwargs)
     except UserError:
         raise
-    except TypeError as e:  # usually a keyword the environment does not take
+    except (TypeError, ValueError, gymnasium.error.Error) as e:  # a keyword it does not take, or a bad value
         raise UserError(f"cannot make the environment with env.kwargs {kwargs}: {e}", field) from None
     if not (hasattr(env, "reset") and hasattr(env, "step")):
         raise UserError(f"{spec!r} made a {type(env).__name__}, which has no reset/step", field)

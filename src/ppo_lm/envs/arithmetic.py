@@ -15,8 +15,8 @@ import re
 
 from . import TextEnv
 
-ANSWER = re.compile(r"answer\s*:?\s*(-?\d+)", re.IGNORECASE)
-NUMBER = re.compile(r"-?\d+")
+ANSWER = re.compile(r"answer\s*:?\s*(-?\d{1,30})", re.IGNORECASE)
+NUMBER = re.compile(r"-?\d{1,30}")
 CALC = re.compile(r"calc\s*:?\s*([-+*()\d\s]+)", re.IGNORECASE)
 OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 

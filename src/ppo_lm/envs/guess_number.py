@@ -11,7 +11,7 @@ import re
 
 from . import TextEnv
 
-NUMBER = re.compile(r"-?\d+")
+NUMBER = re.compile(r"-?\d{1,30}")
 
 
 class GuessNumber(TextEnv):
