@@ -349,7 +349,12 @@ _plain_format = warnings.formatwarning
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _format_warning  # a renamed config key: one plain line
     args = build_parser().parse_args(argv)
-    return run_command(args.func, args)
+    code = run_command(args.func, args)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from .distributed import exit_process
+
+        exit_process(code)
+    return code
 
 
 def run_command(func: Callable, args) -> int:

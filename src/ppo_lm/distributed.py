@@ -116,6 +116,22 @@ def end_process_group() -> None:
         tdist.destroy_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End a process of a multi-process launch once its command is done: flush, run the ``atexit`` handlers
+    (trackers, the process group's teardown) while the interpreter is whole, then leave without the
+    interpreter's finalisation. That finalisation aborted DeepSpeed ZeRO-3 runs after they had finished
+    ("terminate called without an active exception": 2 of 6 launches of examples/accelerate/zero3-offload.yaml
+    here, every file written, the final line printed), in the C++ destructors that run at exit."""
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
+
+
 def engine() -> str:
     """The engine the launcher asked for: "deepspeed" or "fsdp" (``accelerate launch`` with such a config sets
     ``ACCELERATE_USE_DEEPSPEED`` / ``ACCELERATE_USE_FSDP``), else "ddp"."""

@@ -47,3 +47,5 @@ with dist.whole(acc, run.policy):  # ZeRO-3's shards gathered
         save_file({k: p.detach().contiguous() for k, p in run.model.named_parameters() if p.requires_grad}, out)
         print("policy_loss", stats["policy_loss"], "lr", run.scheduler.get_last_lr()[0], flush=True)
 acc.wait_for_everyone()
+if acc.num_processes > 1:
+    dist.exit_process(0)  # as the CLI does: no interpreter finalisation (tests/test_distributed.py, accelerate_launch)
