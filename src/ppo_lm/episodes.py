@@ -245,8 +245,9 @@ def evaluate(lm: nn.Module, tokenizer, envs: list, seeds: list[int], cfg, *, cha
 def prompt_room(cfg, model_config) -> int:
     """The first observation's token budget: data.max_prompt_tokens, less what the model's context cannot hold
     beside env.max_tokens. UserError when nothing is left."""
-    context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(getattr(model_config, k, None), int)), None)
+    from .models import context_length
+
+    context = context_length(model_config)
     if context is None:
         return cfg.data.max_prompt_tokens
     room = min(cfg.data.max_prompt_tokens, context - cfg.env.max_tokens)

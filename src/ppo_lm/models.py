@@ -313,6 +313,12 @@ def load_config_checked(name_or_path: str, *, kind: str, field: str, trust_remot
     return config
 
 
+def context_length(model_config) -> int | None:
+    """The model's context in tokens, from its transformers config (None when the config does not say)."""
+    return next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                 if isinstance(getattr(model_config, k, None), int)), None)
+
+
 def check_causal_lm(name_or_path: str, field: str, *, trust_remote_code: bool = False) -> None:
     """The folder holds a loadable causal LM (files whole, config of a causal-LM kind); no weights are read."""
     load_config_checked(name_or_path, kind="causal", field=field, trust_remote_code=trust_remote_code)

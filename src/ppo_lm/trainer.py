@@ -41,8 +41,8 @@ from .doctor import Monitor, RunFacts
 from .envs import make as make_env
 from .data import PromptDataset, PromptSampler, build_prompt_dataset, load_records
 from .errors import RewardError, TrainingDiverged, UserError
-from .models import (PolicyWithValue, Reference, attention_kernel, load_config_checked, load_policy, load_tokenizer,
-                     make_reference, parameter_groups, save_policy, trainable_parameters)
+from .models import (PolicyWithValue, Reference, attention_kernel, context_length, load_config_checked, load_policy,
+                     load_tokenizer, make_reference, parameter_groups, save_policy, trainable_parameters)
 from .rewards import RunningMoments, WeightedSum, build_reward, shape_scores
 from .rollout import collect
 from .runtime import StopOnSignal, check_output_dir, seed_everything
@@ -792,8 +792,7 @@ def make_reward(cfg: Config, reward_fn: Callable | None, device) -> WeightedSum:
 def _fit_context(cfg: Config, model_config):
     """Prompt + response must fit the model's context: lower the prompt budget to what is left after
     ``max_new_tokens`` (the usual ``prompt_overflow`` rule then truncates or refuses)."""
-    context = next((getattr(model_config, k) for k in ("max_position_embeddings", "n_positions", "max_seq_len")
-                    if isinstance(getattr(model_config, k, None), int)), None)
+    context = context_length(model_config)
     if context is None or cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens <= context:
         return cfg.data
     room = context - cfg.rollout.max_new_tokens
