@@ -337,15 +337,21 @@ class Parrot(TextEnv):
 '''
 
 
-def test_a_users_environment_file_trains_from_the_command_line_and_evaluates(word_model, tmp_path):
+def parrot_config(tmp_path, model_dir, *, batch_size: int, train_extra: str = ""):
+    """A config file training USER_ENV's Parrot, written as a user would, from a file of their own."""
     (tmp_path / "parrot.py").write_text(USER_ENV)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""model: {{name_or_path: {word_model}}}
+    cfg.write_text(f"""model: {{name_or_path: {model_dir}}}
 env: {{id: {tmp_path / 'parrot.py'}:Parrot, max_turns: 3, max_tokens: 40, eval_episodes: 6}}
-rollout: {{batch_size: 8, max_new_tokens: 3}}
+rollout: {{batch_size: {batch_size}, max_new_tokens: 3}}
 ppo: {{lr: 1.0e-3, num_minibatches: 2}}
-train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, eval_every: 2, log_samples: 2}}
+train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, eval_every: 2, log_samples: 2{train_extra}}}
 """)
+    return cfg
+
+
+def test_a_users_environment_file_trains_from_the_command_line_and_evaluates(word_model, tmp_path):
+    cfg = parrot_config(tmp_path, word_model, batch_size=8)
     from test_cli import ppo_lm as cli
 
     out = cli("train", cfg)
@@ -462,15 +468,7 @@ def test_two_processes_play_their_own_episodes_and_write_one_set_of_files(word_m
     held-out evaluation are over both, written once."""
     from test_distributed import torchrun
 
-    (tmp_path / "parrot.py").write_text(USER_ENV)
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""model: {{name_or_path: {word_model}}}
-env: {{id: {tmp_path / 'parrot.py'}:Parrot, max_turns: 3, max_tokens: 40, eval_episodes: 6}}
-rollout: {{batch_size: 4, max_new_tokens: 3}}
-ppo: {{lr: 1.0e-3, num_minibatches: 2}}
-train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, eval_every: 2, log_samples: 2,
-         save_final: false}}
-""")
+    cfg = parrot_config(tmp_path, word_model, batch_size=4, train_extra=", save_final: false")
     done = torchrun("-m", "ppo_lm.cli", "train", cfg, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
