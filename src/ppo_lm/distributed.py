@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -112,6 +113,8 @@ def end_process_group() -> None:
     does not destroy groups at exit itself). Seen here in 2-process runs that never destroyed their group."""
     import torch.distributed as tdist
 
+    if "ppo_lm.vllm_engine" in sys.modules:  # a vLLM engine made a group of its own, which it must end itself
+        sys.modules["ppo_lm.vllm_engine"].close_all()
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
 

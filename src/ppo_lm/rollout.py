@@ -314,6 +314,12 @@ def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: 
     if cfg.engine == "batch":
         sampled = sample_continuous_batching(lm, tokenizer, prompt_ids, prompt_mask, cfg, greedy=greedy,
                                              stop=stop if cfg.stop_at_eos else None)
+    elif cfg.engine == "vllm":
+        from . import vllm_engine
+
+        engine = vllm_engine.engine_for(lm, gpu_memory_utilization=cfg.vllm_gpu_memory)
+        sampled = Sampled(*engine.sample(lm, prompt_ids, prompt_mask, cfg, pad=tokenizer.pad_token_id, greedy=greedy,
+                                         stop=stop if cfg.stop_at_eos else None))
     else:
         gen = generation_config(tokenizer, cfg, greedy=greedy, stop=stop)
         sampled = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size,
