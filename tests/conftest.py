@@ -70,6 +70,26 @@ def prompt_records(n: int = 32) -> list[dict]:
             for k in range(n)]
 
 
+def keyword_config_file(tmp_path: Path, model_dir, *, records: int = 8,
+                        rollout: str = "batch_size: 8, max_new_tokens: 6", ppo: str = "lr: 3.0e-3, num_minibatches: 2",
+                        iterations: int = 2, seed: int = 0) -> Path:
+    """``tmp_path/c.yaml`` (beside its ``prompts.jsonl``) for a short command-line run of ``model_dir`` on the keyword
+    reward (the share of the word 'a'), writing to ``tmp_path/run``; ``rollout`` and ``ppo`` are the sections' YAML
+    flow contents, and the rollout section is on line 3."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(records)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"""model: {{name_or_path: {model_dir}}}
+data: {{path: {data}}}
+rollout: {{{rollout}}}
+reward: {{sources: [{{type: keyword, words: [a]}}]}}
+ppo: {{{ppo}}}
+train: {{output_dir: {tmp_path / 'run'}, iterations: {iterations}, seed: {seed}, progress: false, log_samples: 0,
+         save_final: false}}
+""")
+    return cfg
+
+
 def tiny_config(model_dir, out_dir, **sections) -> object:
     """A fast config for the tiny model; ``sections`` override whole-section fields."""
     base = {

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from ppo_lm.models import load_policy, load_tokenizer, make_reference
 from ppo_lm.rollout import collect, left_pad, sample_responses
 
-from conftest import prompt_records, tiny_config
+from conftest import keyword_config_file, prompt_records, tiny_config
 
 
 def _collect(cfg, policy, tok, n=10, seed=0):
@@ -69,19 +69,10 @@ def test_batch_and_hf_engines_draw_from_the_same_distribution(tiny_model_dir, tm
 def test_a_run_on_the_batch_engine_from_the_command_line(tiny_model_dir, tmp_path):
     from test_cli import ppo_lm as cli
 
-    records = tmp_path / "prompts.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(8)))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""model: {{name_or_path: {tiny_model_dir}}}
-data: {{path: {records}}}
-rollout: {{batch_size: 8, max_new_tokens: 6, engine: batch}}
-reward: {{sources: [{{type: keyword, words: [a]}}]}}
-ppo: {{lr: 3.0e-3, num_minibatches: 2}}
-train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, log_samples: 0, save_final: false}}
-""")
+    cfg = keyword_config_file(tmp_path, tiny_model_dir, rollout="batch_size: 8, max_new_tokens: 6, engine: batch")
     out = cli("train", cfg)
     assert out.returncode == 0, out.stderr
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(abs(r["sampling_kl"]) < 1e-4 for r in rows)
-    out = cli("train", cfg, "rollout.engine=vllm")
+    out = cli("train", cfg, "rollout.engine=sglang")
     assert out.returncode == 2 and "rollout.engine" in out.stderr and out.stderr.count("\n") == 1

@@ -19,7 +19,7 @@ from ppo_lm.cli import main
 from ppo_lm.config import load_config
 from ppo_lm.trainer import train
 
-from conftest import LEARNING_SEED, prompt_records, tiny_config
+from conftest import LEARNING_SEED, keyword_config_file, prompt_records, tiny_config
 
 F64 = torch.float64
 S2 = 1 / math.sqrt(2)
@@ -195,16 +195,7 @@ def test_each_estimator_learns_the_verifiable_task(estimator, tiny_model_dir, tm
 
 def test_cli_switch_trains_with_kl_loss_and_clip_variants(tiny_model_dir, tmp_path):
     """`ppo-lm train CFG ppo.advantage_estimator=...` with the KL as a loss term and every clip variant on."""
-    records = tmp_path / "prompts.jsonl"
-    records.write_text("".join(json.dumps(r) + "\n" for r in prompt_records(8)))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"""model: {{name_or_path: {tiny_model_dir}}}
-data: {{path: {records}}}
-rollout: {{batch_size: 8, max_new_tokens: 6}}
-reward: {{sources: [{{type: keyword, words: [a]}}]}}
-ppo: {{lr: 3.0e-3, num_minibatches: 2}}
-train: {{output_dir: {tmp_path / 'run'}, iterations: 2, progress: false, log_samples: 0, save_final: false}}
-""")
+    cfg = keyword_config_file(tmp_path, tiny_model_dir)
     assert main(["train", str(cfg), "ppo.advantage_estimator=grpo", "ppo.kl.coef=0", "ppo.kl.loss_coef=0.1",
                  "ppo.kl.loss_estimator=k2", "ppo.clip_range_high=0.28", "ppo.dual_clip=3",
                  "ppo.log_ratio_clamp=20", "ppo.loss_aggregation=seq_mean_token_mean"]) == 0

@@ -6,14 +6,14 @@
 * **Weights follow the policy.** Before each sampling call the engine checks whether an optimiser stepped or a
   parameter was changed in place (a ``load_state_dict``) since it last loaded them, and if so loads the policy's
   weights again through vLLM's own ``reload_weights``, then drops its prefix cache (its KV entries came from the
-  old weights). LoRA adapters are merged into the weights it is sent; the
-  policy itself is left as it is.
+  old weights). LoRA adapters are merged into the weights it is sent; the policy itself is left as it is.
 * **Old logprobs from the training engine.** vLLM's kernels give slightly other numbers than the forward the loss
   evaluates, so, as with the ``batch`` engine, the policy's old logprobs come from one teacher-forced forward
   after sampling; vLLM's own logprobs of the drawn tokens (after temperature, top-k and top-p) are kept as the
   sampling logprobs that ``sampling_kl`` compares with them.
 * **Reproducible.** Each request is seeded from torch's generator, which the run's seed sets; starting the engine
   draws nothing from it, so a resumed run samples what the uninterrupted one did.
+* **Prompts in groups that one engine step takes whole (CPU).** See :meth:`VLLMEngine._waves`.
 * **Memory between phases (GPU).** On a GPU the engine sleeps after sampling (its KV cache freed, its weights moved
   to host memory) and wakes before the next one; vLLM's CPU build has no sleep mode.
 
@@ -73,6 +73,9 @@ def merged_weights(lm: nn.Module) -> Iterator[tuple[str, Tensor]]:
         yield name.replace(".base_layer.", "."), weight
 
 
+#: Prompt tokens vLLM takes in one engine step (its max_num_batched_tokens), and requests at once (max_num_seqs).
+STEP_TOKENS, STEP_REQUESTS = 8192, 256
+
 _HOOKED: list = []  # the handle of the hook, once registered
 _STEPS = [0]  # optimiser steps taken in this process, counted by a hook on every optimiser (see _weights_state)
 
@@ -90,10 +93,13 @@ def _weights_state(lm: nn.Module) -> tuple:
 
 @contextlib.contextmanager
 def _process_state_kept():
-    """vLLM's CPU worker, when it starts in this process, seeds the global RNGs, drops torch to one thread and
-    replaces ``torch.set_num_threads``: put all of it back, so training goes on as before."""
+    """vLLM's CPU worker, when it starts in this process, seeds the global RNGs (torch, random, numpy), drops torch
+    to one thread and replaces ``torch.set_num_threads``: put all of it back, so training goes on as before."""
+    import numpy as np
+
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
-    rng = torch.get_rng_state(), random.getstate(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state(), cuda
     dtype = torch.get_default_dtype()
     try:
         yield
@@ -102,8 +108,9 @@ def _process_state_kept():
         torch.set_num_threads(threads)
         torch.set_rng_state(rng[0])
         random.setstate(rng[1])
-        if rng[2] is not None:
-            torch.cuda.set_rng_state_all(rng[2])
+        np.random.set_state(rng[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
         torch.set_default_dtype(dtype)
 
 
@@ -135,7 +142,8 @@ class VLLMEngine:
                            dtype=str(dtype).removeprefix("torch."), enforce_eager=True, generation_config="vllm",
                            logprobs_mode="processed_logprobs", max_model_len=context_length(model.config),
                            seed=0, enable_sleep_mode=self.on_gpu,
-                           disable_log_stats=True, **memory)
+                           max_num_batched_tokens=STEP_TOKENS, max_num_seqs=STEP_REQUESTS, disable_log_stats=True,
+                           **memory)
         self._loaded: tuple | None = None
         if not _HOOKED:
             from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -164,6 +172,23 @@ class VLLMEngine:
         self._loaded = state
         self.syncs += 1
 
+    def _waves(self, lengths: list[int]) -> list[list[int]]:
+        """The requests in groups that vLLM admits whole at its first step (on a GPU: all at once). On a CPU a
+        prompt whose prefill is split across steps makes vLLM rewind the request's seeded generator, which a CPU
+        generator cannot do (vLLM 0.32 fails with "CPU Generator does not use offset"); a group whose prompts fit
+        one step's token budget is never split. Each request has its own seed, so the grouping changes nothing
+        that is drawn."""
+        if self.on_gpu:
+            return [list(range(len(lengths)))]
+        waves, tokens = [[]], 0
+        for i, n in enumerate(lengths):
+            if waves[-1] and (tokens + n > STEP_TOKENS or len(waves[-1]) == STEP_REQUESTS):
+                waves.append([])
+                tokens = 0
+            waves[-1].append(i)
+            tokens += n
+        return waves
+
     @torch.no_grad()
     def sample(self, lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, cfg, *, pad: int, greedy: bool = False,
                stop: list[int] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -185,7 +210,9 @@ class VLLMEngine:
                                      top_p=1.0 if greedy else cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      ignore_eos=True, stop_token_ids=list(stop or []), logprobs=None if greedy else 0,
                                      detokenize=False, seed=seed) for seed in seeds]
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            outputs = []
+            for wave in self._waves([len(p["prompt_token_ids"]) for p in prompts]):
+                outputs += self.llm.generate([prompts[i] for i in wave], [params[i] for i in wave], use_tqdm=False)
         finally:
             if self.on_gpu:
                 self.llm.sleep(level=1)
