@@ -49,10 +49,7 @@ def _run_config(tmp_path, model_dir, iterations, seed=0):
 def test_a_missing_vllm_is_one_line_before_any_model_loads(tmp_path):
     from test_cli import ppo_lm as cli
 
-    cfg = _run_config(tmp_path, tmp_path / "no-such-model-is-read", 2)
-    cfg.write_text(cfg.read_text().replace(f"name_or_path: {tmp_path / 'no-such-model-is-read'}",
-                                           "name_or_path: some/hub-model"))
-    out = cli("train", cfg)
+    out = cli("train", _run_config(tmp_path, "some/hub-model", 2))  # a hub name: loading it would fail offline
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "rollout.engine" in lines[0] and "c.yaml:3" in lines[0], lines
@@ -190,7 +187,11 @@ def test_vllm_and_hf_draw_from_the_same_distribution(model_dir, tmp_path):
 @pytest.mark.learning
 def test_a_run_on_the_vllm_engine_learns_from_the_command_line(model_dir, tmp_path, learned):
     """The task of test_trainer's learning test (reward: the share of the token 'a'), sampled by vLLM: 20
-    iterations from the command line, the reward rises as it does on the hf engine."""
+    iterations from the command line, the reward rises as it does on the hf engine.
+
+    Measured (`.venv-vllm/bin/python scripts/learning_spread.py -k vllm`, 2026-12-07, seeds 0-4 x
+    ATEN_CPU_CAPABILITY default/avx2/avx512 on a 2-core x86_64 CPU, docs/results/learning-spread-vllm.json): the
+    rise from the first 3 to the last 5 iterations was 0.44-0.78 (mean 0.69); the bar is 0.3."""
     from test_cli import ppo_lm as cli
 
     out = cli("train", _run_config(tmp_path, model_dir, 20, seed=LEARNING_SEED))
