@@ -327,7 +327,7 @@ def _tool_commands(sub) -> None:
                    help="ppo.advantage_estimator; a critic-free one samples 16 prompts x 4, with the KL as a k3 "
                         "loss term of weight 0.05 (as TRL's GRPOTrainer with beta 0.05)")
     b.add_argument("--engine", choices=["hf", "batch", "vllm"], default="hf",
-                   help="rollout.engine: hf (generate) or batch (transformers' continuous batching)")
+                   help="rollout.engine: hf (generate), batch (transformers' continuous batching) or vllm (the extra)")
     b.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, more time)")
     b.add_argument("--recompute-logprobs", action="store_true",
