@@ -65,7 +65,8 @@ def generation(model: str, engine: str, n: int = 64, new_tokens: int = 32, stop_
 def generation_apart(model: str, engine: str, new_tokens: int, stop_at_eos: bool) -> dict:
     """:func:`generation` in a process of its own (an engine's threads and memory do not reach the next one's)."""
     code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_engines as b; "
-            f"print(json.dumps(b.generation({model!r}, {engine!r}, new_tokens={new_tokens}, stop_at_eos={stop_at_eos})))")
+            f"print(json.dumps(b.generation({model!r}, {engine!r}, new_tokens={new_tokens}, "
+            f"stop_at_eos={stop_at_eos})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,7 +101,8 @@ def application(engine: str, iterations: int, config: str) -> dict:
     def mean(key):
         return round(sum(r[key] for r in later) / len(later), 2)
 
-    return {"config": config, "engine": engine, "iterations": iterations, "seconds_per_iteration": mean("time_iteration_s"),
+    return {"config": config, "engine": engine, "iterations": iterations,
+            "seconds_per_iteration": mean("time_iteration_s"),
             "generate_s": mean("time_generate_s"), "rollout_s": mean("time_rollout_s"), "train_s": mean("time_train_s"),
             "response_length": mean("response_length"), "first_iteration_s": round(rows[0]["time_iteration_s"], 2),
             "reward_mean": [round(r["reward_mean"], 3) for r in rows]}
@@ -115,7 +117,8 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--rounds", type=int, nargs="+", default=[2, 1],
                         help="rounds of the engines per size, in the order of --sizes (the last one repeats)")
-    parser.add_argument("--engines", nargs="+", default=["hf", "batch"] + ["vllm"] * bool(importlib.util.find_spec("vllm")))
+    parser.add_argument("--engines", nargs="+",
+                        default=["hf", "batch"] + ["vllm"] * bool(importlib.util.find_spec("vllm")))
     parser.add_argument("--smollm2", default=str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
     parser.add_argument("--application", default="examples/qa/smollm2/ppo.yaml",
                         help="the PPO config timed per engine (its iterations: --app-iterations)")

@@ -120,7 +120,8 @@ class VLLMEngine:
     def __init__(self, lm: nn.Module, *, dtype: torch.dtype, gpu_memory_utilization: float = 0.3):
         # the engine core in this process: the weights reach it by reference, not through a socket
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its warnings here are about what this use leaves out on purpose (a tokenizer, its thread settings)
+        # its warnings here are about what this use leaves out on purpose (a tokenizer, its thread settings)
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
 
         model = base_model(lm)
@@ -223,7 +224,8 @@ class VLLMEngine:
         for i, c in enumerate(done):
             ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
             if logprobs is not None:
-                logprobs[i, :len(c.token_ids)] = torch.tensor([step[t].logprob for t, step in zip(c.token_ids, c.logprobs)])
+                drawn = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
+                logprobs[i, :len(drawn)] = torch.tensor(drawn)
         return ids.to(prompt_ids.device), None if logprobs is None else logprobs.to(prompt_ids.device)
 
 
