@@ -125,8 +125,6 @@ def exit_process(code: int) -> None:
     interpreter's finalisation. That finalisation aborted DeepSpeed ZeRO-3 runs after they had finished
     ("terminate called without an active exception": 2 of 6 launches of examples/accelerate/zero3-offload.yaml
     here, every file written, the final line printed), in the C++ destructors that run at exit."""
-    import sys
-
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     atexit._run_exitfuncs()

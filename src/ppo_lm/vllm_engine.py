@@ -46,7 +46,9 @@ def problem() -> str | None:
     (one colocated engine per process is not supported yet)."""
     if importlib.util.find_spec("vllm") is None:
         return f"vllm is not installed: {INSTALL}"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .distributed import asked_processes
+
+    if asked_processes()[0] > 1:
         return "vllm runs in a single process for now; launch without torchrun/accelerate, or use rollout.engine hf"
     return None
 
