@@ -12,8 +12,10 @@ synthetic prompts, 4 responses each (64), 32 new tokens sampled at temperature 1
 (``num_iterations``) x 4 minibatches of 16 (``steps_per_generation`` 4): 16 optimiser steps per iteration; lr 1e-5
 constant, AdamW, grad-norm clip 1; clip 0.2; the KL to the reference as a k3 loss term of weight 0.05 (``beta``),
 advantages normalised by the group's std (``scale_rewards="group"``), token-mean loss (``loss_type="dapo"``,
-TRL's default; ppo-lm's ``token_mean``); fp32 on 2 threads. TRL's generation may stop at EOS (a random model emits
-it about once in 8192 tokens); ppo-lm's bench never stops.
+TRL's default; ppo-lm's ``token_mean``); fp32 on 2 threads; dropout off (TRL's ``disable_dropout``; ppo-lm
+always turns it off); gradient checkpointing off (TRL's GRPOConfig turns it on by default:
+``--gradient-checkpointing`` keeps that default, against ``ppo-lm bench --gradient-checkpointing``).
+TRL's generation may stop at EOS (a random model emits it about once in 8192 tokens); ppo-lm's bench never stops.
 
 Timing from outside TRL: an iteration is the time between every 16th ``on_step_end`` (the first from
 ``on_train_begin``); the first iteration is warm-up and the median is over the others. The last stdout line is
@@ -75,6 +77,9 @@ def main():
     ap.add_argument("--size", default="tiny", choices=["tiny", "small"])
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--bf16", action="store_true", help="TRL's own bf16 (bf16=True), against ppo-lm's bf16 autocast")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="TRL's default (GRPOConfig sets gradient_checkpointing=True); off unless given, as ppo-lm's "
+                         "bench (its --gradient-checkpointing is the match)")
     a = ap.parse_args()
 
     root = os.path.join(a.models, a.size)
@@ -86,7 +91,8 @@ def main():
     timer = IterationTimer()
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_grpo_bench_"), report_to="none", save_strategy="no", logging_steps=1,
-        disable_tqdm=True, use_cpu=True, bf16=a.bf16, seed=42,
+        disable_tqdm=True, use_cpu=True, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing, seed=42,
+        disable_dropout=True,  # the peer's GPT-2 has dropout 0.1; ppo-lm always turns it off for RL
         learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=a.iterations * STEPS_PER_ITERATION,
         per_device_train_batch_size=16, steps_per_generation=4, num_generations=4, num_iterations=4,
         max_completion_length=32, temperature=1.0, top_p=1.0, top_k=0,
@@ -101,7 +107,8 @@ def main():
     per_iteration = rewards  # logged once per generation, i.e. per iteration
     seconds = statistics.median(timer.times[1:]) if len(timer.times) > 1 else timer.times[0]
     print(json.dumps({
-        "tool": "trl-grpo", "bf16": a.bf16, "trl": trl.__version__, "transformers": transformers.__version__, "size": a.size,
+        "tool": "trl-grpo", "bf16": a.bf16, "gradient_checkpointing": a.gradient_checkpointing,
+        "disable_dropout": True, "trl": trl.__version__, "transformers": transformers.__version__, "size": a.size,
         "prompts_per_iter": 16, "num_generations": 4, "new_tokens": 32, "epochs": 4, "minibatches": 4,
         "seconds_per_iteration": round(seconds, 4), "tokens_per_s": round(64 * 32 / seconds, 1),
         "iteration_s": [round(t, 3) for t in timer.times], "peak_rss_mib": round(peak_rss, 1),
