@@ -44,6 +44,24 @@ def evaluate(model: str, limit: int, out: Path) -> dict:
     return {k: result[k] for k in ("accuracy", "valid_answer", "kl_to_reference") if k in result}
 
 
+def open_record(path: Path, eval_limit: int, script: str) -> dict:
+    """The JSON record at ``path`` for this run of ``script``, with the SST-2 data prepared: started over when its
+    evaluation set differs (runs measured on another set are not comparable); date, machine and command updated."""
+    import torch
+
+    if not (DATA / "train.jsonl").exists():
+        cli("prepare", "sentiment_analysis", "--source", "sst2_chat", "--out", str(DATA))
+    eval_set = f"first {eval_limit} of SST-2 test_dev, greedy"
+    record = json.loads(path.read_text()) if path.exists() else {}
+    if record.get("eval") != eval_set:
+        record = {"eval": eval_set, "runs": []}
+    record.update({"date": datetime.date.today().isoformat(),
+                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+                              f"{torch.backends.cpu.get_cpu_capability()}"})
+    record.setdefault("commands", []).append(f"python scripts/{script} " + " ".join(sys.argv[1:]))
+    return record
+
+
 def interval(values: list[float]) -> str:
     """Mean and 95% t-interval half-width of ``values`` (the range alone for one value)."""
     import statistics
@@ -81,20 +99,9 @@ def main() -> int:
     if args.table:
         print(table(json.loads((ROOT / "docs" / "results" / "estimators-sst2.json").read_text())))
         return 0
-    import torch
-
     out = Path(args.out)
-    if not (DATA / "train.jsonl").exists():
-        cli("prepare", "sentiment_analysis", "--source", "sst2_chat", "--out", str(DATA))
     path = ROOT / "docs" / "results" / "estimators-sst2.json"
-    eval_set = f"first {args.eval_limit} of SST-2 test_dev, greedy"
-    record = json.loads(path.read_text()) if path.exists() else {}
-    if record.get("eval") != eval_set:  # runs measured on another evaluation set are not comparable: start over
-        record = {"eval": eval_set, "runs": []}
-    record.update({"date": datetime.date.today().isoformat(),
-                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                              f"{torch.backends.cpu.get_cpu_capability()}"})
-    record.setdefault("commands", []).append("python scripts/estimators_real.py " + " ".join(sys.argv[1:]))
+    record = open_record(path, args.eval_limit, "estimators_real.py")
     if "zero_shot" not in record:
         record["zero_shot"] = evaluate(str(ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"), args.eval_limit,
                                        out / "zero-shot")

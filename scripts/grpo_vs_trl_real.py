@@ -17,10 +17,8 @@ prints one JSON line per run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -28,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from estimators_real import CONFIG, DATA, ROOT, cli, evaluate, interval
+from estimators_real import CONFIG, DATA, ROOT, evaluate, interval, open_record
 
 RECORD = ROOT / "docs" / "results" / "grpo-vs-trl-sst2.json"
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,23 +115,12 @@ def main() -> int:
     if args.table:
         print(table(json.loads(RECORD.read_text())))
         return 0
-    import torch
-
     out = Path(args.out)
-    if not (DATA / "train.jsonl").exists():
-        cli("prepare", "sentiment_analysis", "--source", "sst2_chat", "--out", str(DATA))
-    eval_set = f"first {args.eval_limit} of SST-2 test_dev, greedy"
-    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-    if record.get("eval") != eval_set:  # runs measured on another evaluation set are not comparable: start over
-        record = {"eval": eval_set, "runs": []}
-    record.update({"date": datetime.date.today().isoformat(),
-                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-                              f"{torch.backends.cpu.get_cpu_capability()}"})
-    record.setdefault("commands", []).append("python scripts/grpo_vs_trl_real.py " + " ".join(sys.argv[1:]))
+    record = open_record(RECORD, args.eval_limit, "grpo_vs_trl_real.py")
     if "zero_shot" not in record:  # the same evaluation as scripts/estimators_real.py: its record's, if it has one
         other = ROOT / "docs" / "results" / "estimators-sst2.json"
         other = json.loads(other.read_text()) if other.exists() else {}
-        record["zero_shot"] = (other["zero_shot"] if other.get("eval") == eval_set
+        record["zero_shot"] = (other["zero_shot"] if other.get("eval") == record["eval"]
                                else evaluate(str(GGUF), args.eval_limit, out / "zero-shot"))
     print(json.dumps({"zero_shot": record["zero_shot"]}), flush=True)
     for seed in args.seeds:
