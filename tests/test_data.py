@@ -1,7 +1,8 @@
 import pytest
+import torch
 
 from ppo_lm.config import DataConfig
-from ppo_lm.data import PromptSampler, build_prompt_dataset, load_records
+from ppo_lm.data import PromptSampler, build_prompt_dataset, load_records, pad_right, right_padded
 from ppo_lm.errors import UserError
 from ppo_lm.models import load_tokenizer
 
@@ -13,6 +14,18 @@ def test_jsonl_csv_json(tmp_path):
     assert [r["prompt"] for r in load_records(str(tmp_path / "a.jsonl"))] == ["x", "y"]
     assert load_records(str(tmp_path / "a.csv"))[1] == {"prompt": "y", "answer": "2"}
     assert load_records(str(tmp_path / "a.json")) == [{"prompt": "x"}]
+
+
+def test_pad_right_fills_to_the_longest_row_or_the_given_width():
+    assert pad_right([[5], [6, 7]], 0).tolist() == [[5, 0], [6, 7]]
+    assert pad_right([[5], [6, 7]], -1, width=3).tolist() == [[5, -1, -1], [6, 7, -1]]
+    # a batch of empty responses (every one stopped at once) keeps the token dtype and the given width
+    empty = pad_right([[], []], 9, width=1)
+    assert empty.dtype == torch.long and empty.tolist() == [[9], [9]]
+    logprobs = pad_right([[-0.5], []], 0.0, width=2)
+    assert logprobs.dtype == torch.float32 and logprobs.tolist() == [[-0.5, 0.0], [0.0, 0.0]]
+    ids, mask = right_padded([[3, 4, 5], [6]], 0)
+    assert ids.tolist() == [[3, 4, 5], [6, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_malformed_line_and_empty_dataset(tmp_path, tiny_model_dir):

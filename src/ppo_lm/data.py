@@ -107,12 +107,15 @@ class PromptDataset:
         return [self.prompts[i] for i in indices], [self.token_ids[i] for i in indices], fields
 
 
-def pad_right(rows: list[list[int]], value: int):
-    """``[B]`` lists -> a ``[B, L]`` tensor, each row filled up to the longest with ``value``."""
+def pad_right(rows: list[list], value, *, width: int = 0, dtype=None):
+    """``[B]`` lists -> a ``[B, L]`` tensor, each row filled with ``value`` up to the longest row, or to ``width``
+    when that is longer (a batch of empty rows still gives ``[B, width]``). ``dtype``: that of ``value`` by
+    default (``torch.long`` for an int), so that a batch of empty rows keeps it too."""
     import torch
 
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+    width = max(width, *map(len, rows))
+    dtype = dtype or (torch.long if isinstance(value, int) else torch.get_default_dtype())
+    return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=dtype)
 
 
 def right_padded(rows: list[list[int]], pad_id: int):

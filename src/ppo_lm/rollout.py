@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import algo
+from .data import pad_right
 from .models import PolicyWithValue, Reference, base_model, lm_forward
 from .types import Rollout
 
@@ -284,14 +285,12 @@ def sample_continuous_batching(lm: nn.Module, tokenizer, prompt_ids: Tensor, pro
     if len(done) != len(prompts) or any(o.error for o in done):
         raise RuntimeError(f"continuous batching returned {len(done)} of {len(prompts)} requests: "
                            + "; ".join(str(o.error) for o in done if o.error))
-    width = max(1, max(len(o.generated_tokens) for o in done))
-    ids = torch.full((len(done), width), pad, dtype=torch.long)
-    logprobs = torch.zeros((len(done), width))
-    for i, o in enumerate(done):
-        ids[i, :len(o.generated_tokens)] = torch.tensor(o.generated_tokens, dtype=torch.long)
-        if o.logprobs:  # of the distribution each token was drawn from (after temperature, top-k, top-p)
-            logprobs[i, :len(o.logprobs)] = torch.tensor(o.logprobs)
-    return Sampled(ids.to(prompt_ids.device), None if greedy else logprobs.to(prompt_ids.device))
+    ids = pad_right([o.generated_tokens for o in done], pad, width=1)
+    if greedy:
+        return Sampled(ids.to(prompt_ids.device), None)
+    # the logprobs of the distribution each token was drawn from (after temperature, top-k, top-p)
+    logprobs = pad_right([o.logprobs or [] for o in done], 0.0, width=ids.shape[1])
+    return Sampled(ids.to(prompt_ids.device), logprobs.to(prompt_ids.device))
 
 
 class Responses(NamedTuple):

@@ -35,6 +35,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .data import pad_right
 from .models import base_model, context_length
 
 #: How to install the engine, for the error that says it is missing.
@@ -220,15 +221,11 @@ class VLLMEngine:
             if self.on_gpu:
                 self.llm.sleep(level=1)
         done = [o.outputs[0] for o in outputs]
-        width = max(1, max(len(c.token_ids) for c in done))
-        ids = torch.full((len(done), width), pad, dtype=torch.long)
-        logprobs = None if greedy else torch.zeros((len(done), width))
-        for i, c in enumerate(done):
-            ids[i, :len(c.token_ids)] = torch.tensor(c.token_ids, dtype=torch.long)
-            if logprobs is not None:
-                drawn = [step[token].logprob for token, step in zip(c.token_ids, c.logprobs)]
-                logprobs[i, :len(drawn)] = torch.tensor(drawn)
-        return ids.to(prompt_ids.device), None if logprobs is None else logprobs.to(prompt_ids.device)
+        ids = pad_right([c.token_ids for c in done], pad, width=1)
+        if greedy:
+            return ids.to(prompt_ids.device), None
+        drawn = [[step[token].logprob for token, step in zip(c.token_ids, c.logprobs)] for c in done]
+        return ids.to(prompt_ids.device), pad_right(drawn, 0.0, width=ids.shape[1]).to(prompt_ids.device)
 
 
 _ENGINES: dict[int, VLLMEngine] = {}
