@@ -36,7 +36,6 @@ import resource  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -46,29 +45,15 @@ torch.set_num_threads(2)
 import transformers  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_timing import IterationTimer  # noqa: E402
 
 PEER = Path(os.environ.get("PEER_DIR", Path(__file__).resolve().parents[2] / "shared" / "peers" / "trl_ppo"))
 sys.path.insert(0, str(PEER))
 from make_models import synthetic_prompts  # noqa: E402
 
 STEPS_PER_ITERATION = 16  # 4 epochs x 4 minibatches
-
-
-class IterationTimer(TrainerCallback):
-    def __init__(self):
-        self.start, self.times = None, []
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step % STEPS_PER_ITERATION == 0:
-            now = time.perf_counter()
-            self.times.append(now - self.start)
-            print(f"[bench] iteration {len(self.times)}: {self.times[-1]:.2f}s", flush=True)
-            self.start = now
 
 
 def main():
@@ -88,7 +73,7 @@ def main():
     reward = AutoModelForSequenceClassification.from_pretrained(os.path.join(root, "reward"), num_labels=1,
                                                                 dtype=torch.float32)
     prompts = synthetic_prompts(n=256, words_per_prompt=16)
-    timer = IterationTimer()
+    timer = IterationTimer(STEPS_PER_ITERATION, echo=True)
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_grpo_bench_"), report_to="none", save_strategy="no", logging_steps=1,
         disable_tqdm=True, use_cpu=True, bf16=a.bf16, gradient_checkpointing=a.gradient_checkpointing, seed=42,

@@ -48,8 +48,9 @@ import transformers  # noqa: E402
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl_timing import IterationTimer  # noqa: E402
 
 PROMPTS, GROUP, EPOCHS, MINIBATCHES = 8, 4, 2, 2
 STEPS_PER_ITERATION = EPOCHS * MINIBATCHES
@@ -77,20 +78,6 @@ class ExactMatch:
         return scores
 
 
-class IterationTimer(TrainerCallback):
-    def __init__(self):
-        self.start, self.times = None, []
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step % STEPS_PER_ITERATION == 0:
-            now = time.perf_counter()
-            self.times.append(now - self.start)
-            self.start = now
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True, help="the transformers folder of SmolLM2-135M-Instruct")
@@ -106,7 +93,7 @@ def main():
     rows = [json.loads(line) for line in Path(a.data).read_text().splitlines() if line.strip()]
     data = Dataset.from_dict({"prompt": [[{"role": "user", "content": r["prompt"]}] for r in rows],
                               "label": [r["label"] for r in rows]})
-    reward, timer = ExactMatch(), IterationTimer()
+    reward, timer = ExactMatch(), IterationTimer(STEPS_PER_ITERATION)
     config = GRPOConfig(
         output_dir=str(Path(a.out) / "trainer"), report_to="none", save_strategy="no", logging_steps=STEPS_PER_ITERATION,
         disable_tqdm=True, use_cpu=True, bf16=True, gradient_checkpointing=a.gradient_checkpointing,
