@@ -60,6 +60,8 @@ def test_round_trip_through_dict():
     (GOOD + "reward:\n  sources:\n    - type: python\n", "reward.sources.0.function", None, "module:function"),
     (GOOD + "reward:\n  sources:\n    - type: length\n      words: [a]\n", "reward.sources.0.words", 13,
      "is not an option of a 'length' reward (its options: target)"),
+    (GOOD + "reward:\n  sources:\n    - type: f1\n      completion_only: true\n",
+     "reward.sources.0.completion_only", 13, "is not an option of a 'f1' reward (its options: field)"),
     (GOOD + "reward:\n  sources:\n    - type: format\n      pattern: '('\n", "reward.sources.0.pattern", 13,
      "not a valid regular expression"),
     (GOOD + "reward:\n  sources:\n    - type: sentimnt\n", "reward.sources.0.type", 12, "did you mean 'sentiment'"),

@@ -91,6 +91,17 @@ def test_a_foreign_reward_model_is_read_as_plain_text_keeping_the_end(tiny_rewar
     assert _ids_seen(rm, ["a b c d"], [" e f"]) == [[v[w] for w in "c d e f".split()]]
 
 
+def test_completion_only_reads_what_the_policy_wrote_and_an_empty_one_as_the_end_of_text(tiny_reward_model_dir):
+    rm = RewardModel(str(tiny_reward_model_dir), max_length=4, completion_only=True)
+    v, end = rm.tokenizer.get_vocab(), rm.tokenizer.eos_token_id
+    assert end is not None
+    # the prompt is not read at all, and a response of no tokens is one row of the end-of-text token
+    assert _ids_seen(rm, ["a b c d", "a b"], [" e f", ""]) == [[v["e"], v["f"]], [end]]
+    # a conversation prompt is not read either
+    scores = rm(["x", "y"], [" e f", " e f"], {"prompt_messages": [[{"role": "user", "content": "a"}], None]})
+    assert scores[0] == scores[1]
+
+
 def test_conversational_preferences_in_both_hub_layouts_by_hand(tmp_path):
     """A pair whose sides are whole conversations, or a conversation prompt with one assistant turn per side,
     reads as (the turns before the last, the last assistant turn), and encodes through the chat template."""

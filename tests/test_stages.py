@@ -195,6 +195,18 @@ def test_pipeline_runs_every_stage_then_skips_them(tiny_model_dir, tmp_path):
     assert bad.returncode == 2 and "ppo: no such file: missing.yaml" in bad.stderr
 
 
+def test_pipeline_adds_its_reward_model_as_a_source_with_its_weight_and_reading(tiny_model_dir, tmp_path):
+    from ppo_lm.pipeline import load_pipeline_config, plan
+
+    path = write_pipeline(tmp_path, tiny_model_dir)
+    default = plan(str(path), load_pipeline_config(str(path)))["ppo"].reward.sources
+    assert [(s.type, s.completion_only) for s in default] == [("keyword", False), ("model", False)]
+    over = ["reward_model_weight=0.5", "reward_model_completion_only=true"]
+    added = plan(str(path), load_pipeline_config(str(path), over))["ppo"].reward.sources[-1]
+    assert (added.path, added.weight, added.completion_only) == (str(tmp_path / "p" / "reward_model" / "final"),
+                                                                 0.5, True)
+
+
 def test_pipeline_config_errors_name_the_field_file_and_line(tmp_path):
     from ppo_lm.errors import ConfigError
     from ppo_lm.pipeline import load_pipeline_config

@@ -122,6 +122,9 @@ class RewardSourceConfig:
     weight: float = 1.0
     #: model: folder or hub name of an AutoModelForSequenceClassification reward model.
     path: str | None = None
+    #: model: score the completion alone instead of prompt + completion (a pointwise classifier steering a
+    #: continuation, e.g. toward a positive tone: the prompt's own tone then earns nothing).
+    completion_only: bool = False
     #: python: "module:function" (or "path/to/file.py:function").
     function: str | None = None
     #: keyword: words whose frequency in the response is rewarded.

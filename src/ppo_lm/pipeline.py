@@ -15,6 +15,7 @@ data_dir: runs/data/qa              # ... into this one (the stage configs read 
 sft: examples/x_sft.yaml            # optional
 reward_model: examples/x_rm.yaml    # optional
 reward_model_weight: 1.0
+reward_model_completion_only: false  # the reward model scores the completion alone
 ppo: examples/x_ppo.yaml            # required
 eval_data: runs/data/qa/heldout.jsonl  # prompts for the before/after (null = the PPO prompts)
 eval_limit: 64                      # use only the first N of them (null = all)
@@ -46,6 +47,8 @@ class PipelineConfig:
     reward_model: str | None = None
     #: Weight of the trained reward model among the PPO reward sources.
     reward_model_weight: float = 1.0
+    #: The trained reward model scores the completion alone (its source's completion_only), not prompt + completion.
+    reward_model_completion_only: bool = False
     #: PPO stage config (required).
     ppo: str = ""
     #: Task whose data is prepared first (qa | text_generation | sentiment_analysis); null = no preparation.
@@ -125,7 +128,8 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
         from .config import RewardSourceConfig
 
         ppo.reward.sources.append(RewardSourceConfig(type="model", path=str(root / "reward_model" / "final"),
-                                                     weight=p.reward_model_weight))
+                                                     weight=p.reward_model_weight,
+                                                     completion_only=p.reward_model_completion_only))
     stages["ppo"] = ppo
     stages["start_model"] = policy or ppo.model.name_or_path
     if p.eval_data:
