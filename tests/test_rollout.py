@@ -110,6 +110,32 @@ def test_recorded_while_sampling_equals_a_teacher_forced_forward(tiny_model_dir,
         assert_close(getattr(recorded, name), getattr(recomputed, name), atol=1e-5, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("model, value_head, keeps", [({}, True, True), ({"critic": "policy"}, True, False),
+                                                     ({}, False, False)],
+                         ids=["shared-trunk", "critic", "critic-free"])
+def test_hidden_states_are_recorded_only_for_a_value_head_on_the_trunk(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        model, value_head, keeps):
+    """A separate critic reads its own trunk and a critic-free estimator reads none: keeping ``[B, T, H]`` hidden
+    states for them would only cost memory (gigabytes for a 7B model's long rollouts)."""
+    from ppo_lm import rollout
+
+    kept = []
+    real = rollout.StepRecorder.result
+    monkeypatch.setattr(rollout.StepRecorder, "result", lambda self: kept.append(real(self)) or kept[-1])
+    cfg = tiny_config(tiny_model_dir, tmp_path, model=model, rollout={"batch_size": 4, "max_new_tokens": 5})
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy = load_policy(cfg.model, value_head=value_head)
+    assert policy.reads_hidden_states == keeps
+    prompts = [r["prompt"] for r in prompt_records(4)]
+    torch.manual_seed(0)
+    r = collect(policy, make_reference(policy), tok, [tok(p)["input_ids"] for p in prompts], prompts, {}, cfg.rollout,
+                device=torch.device("cpu"), forward_batch_size=4)
+    assert kept and all(len(k) == (3 if keeps else 2) for k in kept)  # logprobs, entropies (, hidden states)
+    assert r.logprobs.abs().sum() > 0
+    if not value_head:
+        assert (r.values == 0).all()
+
+
 def test_the_models_own_logit_settings_do_not_reach_sampling(tiny_model_dir):
     """generation_config.json settings that reshape the logits (suppress_tokens, repetition_penalty, ...) would make
     the rollout sample from another distribution than the loss evaluates: they are hidden while sampling, and the

@@ -91,21 +91,22 @@ class StepRecorder:
     """Records, at each sampling step, what PPO needs of the token just drawn, so that the rollout does not run the
     policy over the sampled sequences a second time (TRL's PPOTrainer likewise takes its old logprobs from the
     generation logits): the token's logprob and the distribution's entropy at the sampling temperature, from the
-    model's logits before any warper, and the final hidden state that predicted it, which the value head reads.
+    model's logits before any warper, and (``hidden=True``) the final hidden state that predicted it, which a value
+    head on the policy's trunk reads. A separate critic, or none (a critic-free estimator), needs no hidden states.
 
     It is the first logits processor (it sees the logits and passes them on untouched), a forward hook on the LM
     head catches the hidden state, and the sampler hands over each token it draws. Per step it keeps ``[B]`` and
     ``[B, H]``, never the ``[B, V]`` logits of past steps (``output_logits=True`` would keep them all).
     """
 
-    def __init__(self, lm: nn.Module, temperature: float):
+    def __init__(self, lm: nn.Module, temperature: float, *, hidden: bool = True):
         self.temperature = temperature
         self.logprobs: list[Tensor] = []
         self.entropy: list[Tensor] = []
-        self.hidden: list[Tensor] = []
+        self.hidden: list[Tensor] | None = [] if hidden else None
         self._scores: Tensor | None = None
         self._last_hidden: Tensor | None = None
-        self._hook = lm.get_output_embeddings().register_forward_hook(self._catch_hidden)
+        self._hook = lm.get_output_embeddings().register_forward_hook(self._catch_hidden) if hidden else None
 
     def _catch_hidden(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._last_hidden = args[0][:, -1]
@@ -118,21 +119,25 @@ class StepRecorder:
         lp, h = algo.logprobs_and_entropy(self._scores, token, self.temperature)
         self.logprobs.append(lp)
         self.entropy.append(h)
-        self.hidden.append(self._last_hidden)
+        if self.hidden is not None:
+            self.hidden.append(self._last_hidden)
         self._scores = self._last_hidden = None
 
     def remove(self) -> None:
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
 
-    def result(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B, T]`` logprobs, ``[B, T]`` entropies and ``[B, T, H]`` hidden states of the T steps sampled."""
-        return torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1), torch.stack(self.hidden, 1)
+    def result(self) -> tuple[Tensor, ...]:
+        """``[B, T]`` logprobs, ``[B, T]`` entropies and, when kept, ``[B, T, H]`` hidden states of the T steps."""
+        steps = (torch.stack(self.logprobs, 1), torch.stack(self.entropy, 1))
+        return steps if self.hidden is None else (*steps, torch.stack(self.hidden, 1))
 
 
 class Sampled(NamedTuple):
     """Sampled responses ``[B, T]`` (right-padded with pad); when sampled (not greedy), the drawn tokens'
     log-probabilities under the sampling distribution ``[B, T]``; when recorded, their old logprobs and entropies
-    ``[B, T]`` and the hidden states ``[B, T, H]`` that predicted them (see :class:`StepRecorder`)."""
+    ``[B, T]`` and, when a value head on the trunk needs them, the hidden states ``[B, T, H]`` that predicted them
+    (see :class:`StepRecorder`)."""
 
     ids: Tensor
     sampling_logprobs: Tensor | None = None
@@ -183,10 +188,10 @@ def generation_config(tokenizer, cfg, *, greedy: bool = False, stop: list[int] |
 
 @torch.no_grad()
 def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, chunk: int | None, *,
-           record_temperature: float | None = None) -> Sampled:
+           record_temperature: float | None = None, record_hidden: bool = True) -> Sampled:
     """Sample responses for left-padded prompts, ``chunk`` prompts at a time; ``gen_config`` is what
     :func:`generation_config` returns. With ``record_temperature`` (sampling only), also record each token's
-    logprob and entropy at that temperature and its hidden state (:class:`StepRecorder`)."""
+    logprob and entropy at that temperature and, with ``record_hidden``, its hidden state (:class:`StepRecorder`)."""
     config, processors = gen_config
     pad = config.pad_token_id
     chunk = chunk or prompt_ids.shape[0]
@@ -197,7 +202,7 @@ def sample(lm: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, gen_config, c
         recorder, chunk_processors = None, processors
         if record_temperature is not None:
             assert sampling, "recording needs the sampler"
-            recorder = StepRecorder(lm, record_temperature)
+            recorder = StepRecorder(lm, record_temperature, hidden=record_hidden)
         if sampling:  # a sampler of the chunk's own, which keeps the chunk's draws
             sampler = InverseCDFSampler(on_sample=recorder.take if recorder is not None else None)
             chunk_processors = type(processors)([*([recorder] if recorder else []), *processors[:-1], sampler])
@@ -305,10 +310,10 @@ class Responses(NamedTuple):
 
 
 def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: Tensor, cfg, *, greedy: bool = False,
-                     record: bool = False) -> Responses:
+                     record: bool = False, record_hidden: bool = True) -> Responses:
     """Sample with the RolloutConfig ``cfg`` (or decode greedily) on the engine ``cfg.engine``; ``record``: keep the
-    logprobs, entropies and hidden states of the sampled tokens (see :class:`StepRecorder`; the ``hf`` engine
-    only: with another, the caller computes them with a teacher-forced forward)."""
+    logprobs, entropies and (``record_hidden``) hidden states of the sampled tokens (see :class:`StepRecorder`; the
+    ``hf`` engine only: with another, the caller computes them with a teacher-forced forward)."""
     stop = stop_token_ids(tokenizer, lm)
     if cfg.engine == "batch":
         sampled = sample_continuous_batching(lm, tokenizer, prompt_ids, prompt_mask, cfg, greedy=greedy,
@@ -322,7 +327,8 @@ def sample_responses(lm: nn.Module, tokenizer, prompt_ids: Tensor, prompt_mask: 
     else:
         gen = generation_config(tokenizer, cfg, greedy=greedy, stop=stop)
         sampled = sample(lm, prompt_ids, prompt_mask, gen, cfg.generation_batch_size,
-                         record_temperature=cfg.temperature if record and not greedy else None)
+                         record_temperature=cfg.temperature if record and not greedy else None,
+                         record_hidden=record_hidden)
     response_mask, ended = response_mask_from_ids(sampled.ids, stop if cfg.stop_at_eos else None)
     response_ids = sampled.ids.masked_fill(~response_mask, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode([r[mk].tolist() for r, mk in zip(response_ids.cpu(), response_mask.cpu())],
@@ -345,7 +351,8 @@ def collect(policy: PolicyWithValue, ref: Reference, tokenizer, prompt_token_ids
     was_training = policy.training
     policy.eval()
     with autocast(), timer("generate"):
-        out = sample_responses(policy.lm, tokenizer, prompt_ids, prompt_mask, cfg, record=not cfg.recompute_logprobs)
+        out = sample_responses(policy.lm, tokenizer, prompt_ids, prompt_mask, cfg, record=not cfg.recompute_logprobs,
+                               record_hidden=policy.reads_hidden_states)
     input_ids = torch.cat([prompt_ids, out.ids], 1)
     attention_mask = torch.cat([prompt_mask, out.mask], 1)
     recorded = out.sampled.logprobs is not None  # (the hf engine records while sampling; the others do not)
