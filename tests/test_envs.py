@@ -403,6 +403,20 @@ def test_library_api_takes_an_environment_class(word_model, tmp_path):
     assert result.metrics[-1]["reward_mean"] >= 10.0  # every episode ends with its 10
 
 
+def test_dr_grpo_over_episodes_divides_by_the_episodes_budget(word_model, tmp_path, monkeypatch):
+    """Dr. GRPO's constant over an environment's episodes is their turns' budget (4 turns x 3 tokens), not one
+    turn's max_new_tokens: an episode's response holds every turn the policy wrote."""
+    from ppo_lm import algo
+
+    seen = []
+    real = algo.aggregate
+    monkeypatch.setattr(algo, "aggregate", lambda *a, **k: seen.append(k.get("norm")) or real(*a, **k))
+    cfg = env_config(word_model, tmp_path / "run", ppo={"advantage_estimator": "dr_grpo"},
+                     rollout={"samples_per_prompt": 2}, train={"iterations": 1})
+    train(cfg, env=Countdown)
+    assert seen and set(seen) == {12}
+
+
 def test_an_interrupted_environment_run_resumes_exactly(word_model, tmp_path):
     """3 iterations straight, against 2 iterations, a checkpoint, and a resumed third: the same metrics (the
     seeds of the episodes come from the prompt sampler's state, the sampling from the restored random streams)."""

@@ -104,6 +104,22 @@ def test_loss_aggregations():
         algo.aggregate(x, mask, "mean")
 
 
+def test_dr_grpos_constant_is_the_most_the_policy_can_write():
+    """seq_mean_token_sum_norm divides by a constant: rollout.max_new_tokens for one response; over an
+    environment's episode, its turns' tokens (max_turns x max_new_tokens), bounded by env.max_tokens."""
+    from types import SimpleNamespace
+
+    from ppo_lm.trainer import response_budget
+
+    def cfg(max_new_tokens, max_turns, max_tokens):
+        return SimpleNamespace(rollout=SimpleNamespace(max_new_tokens=max_new_tokens),
+                               env=SimpleNamespace(max_turns=max_turns, max_tokens=max_tokens))
+
+    assert response_budget(cfg(16, 6, 256), episodic=False) == 16
+    assert response_budget(cfg(16, 6, 256), episodic=True) == 96  # 6 turns x 16 < 256
+    assert response_budget(cfg(16, 6, 64), episodic=True) == 64  # the episode's bound comes first
+
+
 def one_token_loss(log_ratio: float, advantage: float, **variants):
     return algo.policy_loss(t64([[log_ratio]]), t64([[0.0]]), t64([[advantage]]), torch.tensor([[1]]),
                             clip_range=0.2, **variants)

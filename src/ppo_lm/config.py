@@ -220,7 +220,8 @@ class PPOConfig:
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     #: How the per-token policy loss (and the KL and entropy terms) become one number: token_mean (over all
     #: tokens of the minibatch), seq_mean_token_mean (each response's token mean, then the mean over responses),
-    #: seq_mean_token_sum (each response's token sum), seq_mean_token_sum_norm (... over rollout.max_new_tokens)
+    #: seq_mean_token_sum (each response's token sum), seq_mean_token_sum_norm (... over rollout.max_new_tokens;
+    #: over an environment's episode, env.max_turns x rollout.max_new_tokens, at most env.max_tokens)
     #: (null = seq_mean_token_sum_norm for dr_grpo, its other half; token_mean for the others).
     loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
                               "seq_mean_token_sum_norm", None] = None

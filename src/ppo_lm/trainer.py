@@ -168,15 +168,24 @@ def _first_nonfinite(accelerator, **quantities: torch.Tensor) -> str | None:
     return next((name for name, f in zip(quantities, flags.tolist()) if f > 0), None)
 
 
-def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float, n_seqs: float):
+def response_budget(cfg: Config, episodic: bool) -> int:
+    """The most tokens the policy writes in one response, the constant of ``seq_mean_token_sum_norm`` (Dr. GRPO; it
+    must not depend on the batch): ``rollout.max_new_tokens``, or over an environment's episode, its turns'
+    (``env.max_turns`` x ``rollout.max_new_tokens``, and ``env.max_tokens`` at most)."""
+    if not episodic:
+        return cfg.rollout.max_new_tokens
+    return min(cfg.env.max_turns * cfg.rollout.max_new_tokens, cfg.env.max_tokens)
+
+
+def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float, n_seqs: float, norm: float):
     """The loss of one micro-batch ``b`` (:func:`minibatch`): clipped surrogate + ``vf_coef`` x clipped value
     loss (+ ``kl.loss_coef`` x KL to the reference, - ``ent_coef`` x entropy). The value loss is a token sum over
     ``n_tokens``; the other terms are reduced by ``ppo.loss_aggregation`` over ``n_tokens`` or ``n_seqs``. Without
     a critic there is no value loss (None). Returns the loss, the policy loss with its statistics, the value loss
     with its statistics, the KL loss (or None), and the first quantity that is not finite on any process (or
-    None)."""
+    None). ``norm``: :func:`response_budget`."""
     ppo, mask = cfg.ppo, b["response_mask"]
-    agg = dict(aggregation=cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=cfg.rollout.max_new_tokens)
+    agg = dict(aggregation=cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
     logits, values = policy(b["input_ids"], b["attention_mask"], b["n_response"])
     logprobs = algo.logprobs_from_logits(logits, b["tokens"], cfg.rollout.temperature)
     pg_loss, pg = algo.policy_loss(logprobs, b["old_logprobs"], b["advantages"], mask, clip_range=ppo.clip_range,
@@ -189,13 +198,11 @@ def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float, n_seqs:
         loss = loss + ppo.vf_coef * vf_loss
     if ppo.kl.loss_coef > 0:
         kl_loss = algo.aggregate(algo.KL_ESTIMATORS[ppo.kl.loss_estimator](logprobs, b["ref_logprobs"]), mask,
-                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs,
-                                 norm=cfg.rollout.max_new_tokens)
+                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
         loss = loss + ppo.kl.loss_coef * kl_loss
     if ppo.ent_coef > 0:
         entropy = algo.aggregate(algo.entropy_from_logits(logits, cfg.rollout.temperature), mask,
-                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs,
-                                 norm=cfg.rollout.max_new_tokens)
+                                 cfg.loss_aggregation, n_tokens=n_tokens, n_seqs=n_seqs, norm=norm)
         loss = loss - ppo.ent_coef * entropy
     bad = _first_nonfinite(accelerator, logprobs=logprobs * mask,
                            values=None if values is None else values * mask, advantages=b["advantages"],
@@ -204,8 +211,9 @@ def ppo_loss(policy, b: dict, cfg: Config, accelerator, n_tokens: float, n_seqs:
 
 
 def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, state: TrainState, cfg: Config,
-           generator: torch.Generator) -> dict:
-    """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout.
+           generator: torch.Generator, *, episodic: bool = False) -> dict:
+    """Step 4: ``ppo.epochs`` passes of shuffled minibatches over the scored rollout (``episodic``: of an
+    environment's episodes, see :func:`response_budget`).
 
     An update whose loss or gradient is not finite is skipped (and counted); ``ppo.max_nonfinite_steps`` such
     updates in a row raise :class:`TrainingDiverged` naming the quantity that went non-finite first.
@@ -217,6 +225,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                                                       "value_clipfrac", "approx_kl", "ratio", "grad_norm",
                                                       "kl_loss", "dual_clipfrac")}
     n = scored.rollout.response_ids.shape[0]
+    budget = response_budget(cfg, episodic)
     policy.train()
     for epoch in range(ppo.epochs):
         epoch_kl = []
@@ -231,7 +240,7 @@ def update(policy, optimizer, scheduler, accelerator, scored: ScoredRollout, sta
                 with accelerator.accumulate(policy), accelerator.autocast(), \
                         attention_kernel(accelerator.device, accelerator.mixed_precision, b["input_ids"].shape[1]):
                     loss, (pg_loss, pg), (vf_loss, vf), kl_loss, bad = ppo_loss(policy, b, cfg, accelerator,
-                                                                                n_tokens, n_seqs)
+                                                                                n_tokens, n_seqs, budget)
                     if bad is None:
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
@@ -452,7 +461,8 @@ def iteration(run: Run) -> dict:
         scored = advantages(rollout, raw, scores, state.kl_controller.value, cfg.ppo, reduce=dist.summer(acc),
                             group_size=k)
     with timer("train"):  # 4. update
-        stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator)
+        stats = update(run.policy, run.optimizer, run.scheduler, acc, scored, state, cfg, run.generator,
+                       episodic=run.envs is not None)
     state.samples_seen += len(indices) * acc.num_processes
     everyone = gather_scored(acc, scored)  # metrics and the KL controller see the global batch
     metrics = iteration_metrics(everyone, stats, state, timer.seconds, run.scheduler.get_last_lr()[0],
