@@ -177,6 +177,19 @@ def test_bench_runs_end_to_end_in_the_qwen2_architecture():
     assert out["rollout_s"] + out["score_s"] + out["train_s"] <= out["seconds_per_iteration"] + 3e-4
     assert out["generated_tokens_per_s"] == pytest.approx(64 * 32 / out["generate_s"], rel=1e-3)
     assert 0 < out["train_mfu_vs_fp32_peak"] < 2 and out["peak_rss_mib"] > 0
+    assert (out["prompts_per_iter"], out["responses_per_iter"], out["samples_per_prompt"]) == (64, 64, 1)
+
+
+def test_bench_record_counts_prompts_and_responses_apart():
+    """A critic-free estimator's 64 responses are 16 prompts x 4, as bench_trl_grpo.py records TRL's."""
+    from ppo_lm.bench import record
+
+    rows = [{"time_iteration_s": 2.0, "time_rollout_s": 1.0, "time_generate_s": 0.5, "time_score_s": 0.1,
+             "time_train_s": 0.8, "reward_mean": 0.0}] * 3
+    out = record({"samples_per_prompt": 4}, rows, {"train": 1e12, "rollout": 1e11}, {"fp32": 1e11, "bf16": 2e11},
+                 "cpu", 100.0, None)
+    assert (out["prompts_per_iter"], out["responses_per_iter"]) == (16, 64)
+    assert out["tokens_per_s"] == 64 * 32 / 2.0
 
 
 def test_cli_offers_every_bench_size_and_its_default_precision():
