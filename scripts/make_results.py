@@ -104,17 +104,18 @@ WHAT = {
                                   "sentences), greedy answers.",
     "qa_smollm2": "SmolLM2-135M-Instruct reads a SQuAD 2.0 paragraph and a question inside an instruction and answers "
                   "with a span of the paragraph, or `unanswerable` for the questions the paragraph does not answer "
-                  "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, one epoch) imitates the shortest "
-                  "gold answer of {sft} questions of three articles, then PPO, started from the SFT model, reads {train} "
-                  "others with a reward of token F1 with the gold answers (in both, the unanswerable questions are "
+                  "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, three epochs) imitates the shortest "
+                  "gold answer of {sft} answerable questions of three articles, then PPO, started from the SFT model, "
+                  "reads {train} others with a reward of token F1 with the gold answers (their unanswerable questions "
                   "down-sampled to a quarter, so that always answering `unanswerable` does not pay). Held out: the "
                   "{heldout} questions of the `Normans` article (its natural mix), greedy answers by the zero-shot "
                   "model, the SFT model (*before*) and the PPO policy (*after*).",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
                                "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "
-                               "is that model's logit difference. VADER, which no stage trains on, scores the held-out "
-                               "continuations independently (`positive_fraction`: VADER compound > 0.05). PPO reads "
+                               "is that model's logit difference on the continuation alone (not the review's opening "
+                               "words). VADER, which no stage trains on, scores the held-out continuations "
+                               "independently (`positive_fraction`: VADER compound > 0.05). PPO reads "
                                "{train} review openings; held out: {heldout} others, sampled at temperature 1.",
     "dialogue": "The InstructGPT recipe on Anthropic's HH-RLHF harmless-base dialogues (people trying to get "
                 "harmful help; the preferred reply is the less harmful one). SmolLM2-135M-Instruct is first fine-tuned "
@@ -148,14 +149,15 @@ WHAT_ZH = {
                                   "PPO。奖励：标签词正确（按 SQuAD 规则归一化后完全匹配）得 1，否则得 0，在 {train} 个 "
                                   "SST-2 训练句子上。留出：SST-2 `test_dev.jsonl`（{heldout} 个句子），贪心回答。",
     "qa_smollm2": "SmolLM2-135M-Instruct 在指令中读一个 SQuAD 2.0 段落和一个问题，用段落中的一段文字回答；段落回答不了的问题"
-                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。按文章划分：SFT（LoRA，一个 epoch）模仿三篇文章中 "
-                  "{sft} 个问题的最短标准答案，然后 PPO 从 SFT 模型出发，读另外 {train} 个问题，奖励是与标准答案的 "
-                  "token F1（两者中不可回答的问题都被下采样到四分之一，免得一律回答 `unanswerable` 有利可图）。"
+                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。按文章划分：SFT（LoRA，三个 epoch）模仿三篇文章中 "
+                  "{sft} 个可回答问题的最短标准答案，然后 PPO 从 SFT 模型出发，读另外 {train} 个问题，奖励是与标准答案的 "
+                  "token F1（其中不可回答的问题被下采样到四分之一，免得一律回答 `unanswerable` 有利可图）。"
                   "留出：`Normans` 一文的 {heldout} 个问题（保持原有比例），由零样本模型、SFT 模型（*之前*）和 PPO "
                   "策略（*之后*）贪心回答。",
     "text_generation_smollm2": "SmolLM2-135M-Instruct 把一篇 IMDB 影评的前八个词当作普通文本续写（不用聊天模板），"
                                "被引导向积极的语气。流水线先在 SST-2 上训练一个同一骨干的奖励模型（逐点分类，LoRA，"
-                               "一个 epoch）；PPO 唯一的奖励就是这个模型的 logit 差。VADER 不参与任何阶段的训练，"
+                               "一个 epoch）；PPO 唯一的奖励就是这个模型对续写本身（不含影评开头的几个词）"
+                               "给出的 logit 差。VADER 不参与任何阶段的训练，"
                                "它独立地给留出续写打分（`positive_fraction`：VADER compound > 0.05）。PPO 读 {train} "
                                "个影评开头；留出：另外 {heldout} 个，温度 1 采样。",
     "dialogue": "在 Anthropic 的 HH-RLHF harmless-base 对话上做 InstructGPT 配方（用户试图得到有害的帮助；被偏好的回答是"
@@ -259,11 +261,11 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
         after = [read(r) for r in runs]
         met = all(a >= least for a in after)
         ok &= met
-        shown = format_interval(after).lstrip("+") if len(after) > 1 else f"{after[0]:.3f}"
+        shown = format_interval(after).replace("+", "") if len(after) > 1 else f"{after[0]:.3f}"
         n_met = sum(a >= least for a in after)
         lines += ["", t(f"Goal: {goal} at least {least}: {shown} over {len(after)} run(s), "
-                        f"{min(after):.3f} to {max(after):.3f}: **{'met' if met else 'NOT met'}** in "
-                        f"{'every run' if met else f'{n_met} of {len(after)} runs'}.",
+                        f"{min(after):.3f} to {max(after):.3f}: " +
+                        ("**met** in every run." if met else f"**NOT met** (met in {n_met} of {len(after)} runs)."),
                         f"目标：{goal_zh}至少 {least}：{len(after)} 次运行为 {shown}"
                         f"（{min(after):.3f} 到 {max(after):.3f}）：" +
                         ("**每次运行都达到**。" if met else f"**未达到**（{len(after)} 次中 {n_met} 次达到）。"))]
