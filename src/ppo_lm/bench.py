@@ -276,8 +276,8 @@ def record(settings: dict, metrics: list[dict], flops: dict, peaks: dict, device
     med = lambda key: round(statistics.median(r[key] for r in rows), 4)  # noqa: E731
     tokens = 64 * 32
     return {
-        "tool": "ppo-lm", **settings, "prompts_per_iter": 64 // settings["samples_per_prompt"], "responses_per_iter": 64,
-        "new_tokens": 32, "ppo_epochs": 4, "minibatches": 4,
+        "tool": "ppo-lm", **settings, "prompts_per_iter": 64 // settings["samples_per_prompt"],
+        "responses_per_iter": 64, "new_tokens": 32, "ppo_epochs": 4, "minibatches": 4,
         "seconds_per_iteration": med("time_iteration_s"), "rollout_s": med("time_rollout_s"),
         "generate_s": med("time_generate_s"), "score_s": med("time_score_s"), "train_s": med("time_train_s"),
         "tokens_per_s": round(tokens / med("time_iteration_s"), 1),

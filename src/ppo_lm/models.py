@@ -65,7 +65,8 @@ class PolicyWithValue(nn.Module):
         return self.critic is None and self.value_head is not None
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> tuple[Tensor, Tensor | None]:
-        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response, want_hidden=self.reads_hidden_states)
+        logits, hidden = lm_forward(self.lm, input_ids, attention_mask, n_response,
+                                    want_hidden=self.reads_hidden_states)
         if self.value_head is None:
             return logits, None
         if self.critic is not None:
