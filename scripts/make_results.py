@@ -230,13 +230,16 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     decoding = t(after0["decoding"], "贪心解码" if after0["decoding"] == "greedy" else "采样")
     with_base = all("base" in r["compare"] for r in runs)
     lines = [f"## {app}", "", what, "",
-             t(f"Command: `ppo-lm pipeline {EXAMPLE[app]} seed=S` for seeds {', '.join(map(str, seeds))} under "
-               f"`ATEN_CPU_CAPABILITY` = {' and '.join(c.lower() for c in caps)} ({len(runs)} runs, "
-               f"{minutes:.1f} min each on average).",
+             t(f"Command: `ppo-lm pipeline {EXAMPLE[app]} seed=S` for seed{'s' if len(seeds) > 1 else ''} "
+               f"{', '.join(map(str, seeds))} under "
+               f"`ATEN_CPU_CAPABILITY` = {' and '.join(c.lower() for c in caps)} " +
+               (f"({len(runs)} runs, {minutes:.1f} min each on average)." if len(runs) > 1 else
+                f"(one run, {minutes:.1f} min)."),
                f"命令：`ppo-lm pipeline {EXAMPLE[app]} seed=S`，种子 {', '.join(map(str, seeds))}，"
                f"`ATEN_CPU_CAPABILITY` = {' 和 '.join(c.lower() for c in caps)}（{len(runs)} 次运行，平均每次 "
                f"{minutes:.1f} 分钟）。"), "",
-             t(f"| metric ({after0['samples']} held-out prompts, {decoding}; mean over the {len(runs)} runs) "
+             t(f"| metric ({after0['samples']} held-out prompts, {decoding}"
+               + (f"; mean over the {len(runs)} runs) " if len(runs) > 1 else ") ")
                + ("| zero-shot (before SFT) | SFT's change " if with_base else "")
                + "| before PPO | after PPO | PPO's change, mean [95% interval] |",
                f"| 指标（{after0['samples']} 个留出提示，{decoding}；{len(runs)} 次运行的均值） "
@@ -263,7 +266,7 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
         ok &= met
         shown = format_interval(after).replace("+", "") if len(after) > 1 else f"{after[0]:.3f}"
         n_met = sum(a >= least for a in after)
-        lines += ["", t(f"Goal: {goal} at least {least}: {shown} over {len(after)} run(s), "
+        lines += ["", t(f"Goal: {goal} at least {least}: {shown} over {len(after)} run{'s' if len(after) > 1 else ''}, "
                         f"{min(after):.3f} to {max(after):.3f}: " +
                         ("**met** in every run." if met else f"**NOT met** (met in {n_met} of {len(after)} runs)."),
                         f"目标：{goal_zh}至少 {least}：{len(after)} 次运行为 {shown}"
