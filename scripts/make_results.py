@@ -296,14 +296,17 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     ok &= holds_everywhere
     if not holds_everywhere:
         gains = [r["compare"]["after"][primary] - r["compare"]["before"][primary] for r in runs]
+        several = len(caps) > 1  # with one kernel path, only the seed varied
+        movers = "the CPU's rounding and the seed move" if several else "the seed moves"
+        movers_zh = "CPU 的舍入和种子" if several else "种子"
         lines += ["", t(f"So this gain is **not shown to hold** on each kernel path: it is positive in "
                         f"{sum(g > 0 for g in gains)} of {len(gains)} runs ({min(gains):+.3f} to {max(gains):+.3f}), "
-                        f"and over all {len(gains)} runs it is {format_interval(gains)}; with this recipe the CPU's "
-                        "rounding and the seed move it as much as PPO does. It needs more seeds, or a stronger recipe, "
-                        "before it counts as a result.",
+                        f"and over all {len(gains)} runs it is {format_interval(gains)}; with this recipe {movers} "
+                        "it as much as PPO does. It needs more seeds, or a stronger recipe, before it counts as a "
+                        "result.",
                         f"因此这个提升**没有被证明**在每条内核路径上都成立：它在 {len(gains)} 次运行中有 "
                         f"{sum(g > 0 for g in gains)} 次为正（{min(gains):+.3f} 到 {max(gains):+.3f}），全部运行上为 "
-                        f"{format_interval(gains)}；在这个配方下，CPU 的舍入和种子对它的影响与 PPO 一样大。"
+                        f"{format_interval(gains)}；在这个配方下，{movers_zh}对它的影响与 PPO 一样大。"
                         "需要更多种子或更强的配方，才能算作结果。")]
     if app.startswith("text_generation"):
         checks = []
