@@ -225,6 +225,7 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
         **{k.removesuffix(".jsonl"): v for k, v in counts.items()})
     after0 = runs[0]["compare"]["after"]
     caps = sorted({r["cap"] for r in runs})
+    several_caps = len(caps) > 1  # with one kernel path, only the seed varies between runs
     seeds = sorted({r["seed"] for r in runs})
     minutes = sum(sum(r["summary"]["seconds"].values()) for r in runs) / 60 / len(runs)
     decoding = t(after0["decoding"], "贪心解码" if after0["decoding"] == "greedy" else "采样")
@@ -296,9 +297,8 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     ok &= holds_everywhere
     if not holds_everywhere:
         gains = [r["compare"]["after"][primary] - r["compare"]["before"][primary] for r in runs]
-        several = len(caps) > 1  # with one kernel path, only the seed varied
-        movers = "the CPU's rounding and the seed move" if several else "the seed moves"
-        movers_zh = "CPU 的舍入和种子" if several else "种子"
+        movers = "the CPU's rounding and the seed move" if several_caps else "the seed moves"
+        movers_zh = "CPU 的舍入和种子" if several_caps else "种子"
         lines += ["", t(f"So this gain is **not shown to hold** on each kernel path: it is positive in "
                         f"{sum(g > 0 for g in gains)} of {len(gains)} runs ({min(gains):+.3f} to {max(gains):+.3f}), "
                         f"and over all {len(gains)} runs it is {format_interval(gains)}; with this recipe {movers} "
@@ -334,7 +334,7 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     stages = list(runs[0]["summary"]["seconds"])
     stage_minutes = "; ".join(f"{k} " + ", ".join(f"{r['summary']['seconds'].get(k, float('nan')) / 60:.1f}"
                                                   for r in runs) for k in stages)
-    if len({r["cap"] for r in runs}) > 1:
+    if several_caps:
         which = ", ".join(f"{r['cap'].lower()} seed {r['seed']}" for r in runs)
         which_zh = "、".join(f"{r['cap'].lower()} 种子 {r['seed']}" for r in runs)
     else:
