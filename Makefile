@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(BIN)/ppo-lm demo --output-dir $(OUT)/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"

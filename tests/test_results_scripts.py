@@ -1,5 +1,6 @@
-"""The wording of the results page (scripts/make_results.py) on hand-made runs: the intervals, the goals and
-whether a gain holds are read from the runs' numbers, and one run is never given an interval."""
+"""The scripts behind docs/RESULTS.md, on hand-made runs: the results page's wording (scripts/make_results.py: the
+intervals, the goals and whether a gain holds are read from the runs' numbers, and one run is never given an
+interval), and the QA error breakdown (scripts/qa_errors.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def make_results():
-    spec = importlib.util.spec_from_file_location("make_results", ROOT / "scripts" / "make_results.py")
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def make_results():
+    return script("make_results")
 
 
 @pytest.fixture
@@ -91,3 +96,25 @@ def test_samples_and_the_chinese_page(qa_section):
     assert "**未达到**（3 次中 1 次达到）" in zh
     assert "在这个配方下，种子对它的影响与 PPO 一样大" in zh
     assert not ok_zh
+
+
+def test_qa_errors_sorts_each_answerable_answer(tmp_path):
+    qa_errors = script("qa_errors")
+    text = "Rollo led the Normans to Normandy in 911."
+    prompt = f'Answer the question with a short span.\n\nText: {text}\n\nQuestion: q?'
+    records = [{"prompt": prompt, "answers": ["Rollo"], "answerable": True},
+               {"prompt": prompt, "answers": ["in 911"], "answerable": True},
+               {"prompt": prompt, "answers": ["Rollo"], "answerable": True},
+               {"prompt": prompt, "answers": ["unanswerable"], "answerable": False}]
+    assert qa_errors.paragraph(prompt) == text
+    side = lambda *answers: {"examples": [{"completion": a, "reward": 0.0} for a in answers]}  # noqa: E731
+    # SFT: " Rollo" exact; "911" against "in 911" F1 2/3 (partial); "Normandy" is in the text (a wrong span); the
+    # unanswerable question is not counted. PPO: "Rollo" exact (unchanged once stripped), "the Normans" a wrong
+    # span, "William" in no paragraph: two of the three answerable answers changed.
+    compare = {"before": side(" Rollo", "911", "Normandy", "x"), "after": side("Rollo", "the Normans", "William", "x")}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "compare.json").write_text(json.dumps(compare))
+    out = qa_errors.breakdown(tmp_path, records)
+    assert out["before"] == {"exact": 1, "partial": 1, "wrong_span": 1, "not_a_span": 0}
+    assert out["after"] == {"exact": 1, "partial": 0, "wrong_span": 1, "not_a_span": 1, "changed_by_ppo": 2}
+    assert "base" not in out
