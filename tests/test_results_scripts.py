@@ -1,6 +1,6 @@
 """The scripts behind docs/RESULTS.md, on hand-made runs: the results page's wording (scripts/make_results.py: the
 intervals, the goals and whether a gain holds are read from the runs' numbers, and one run is never given an
-interval), and the QA error breakdown (scripts/qa_errors.py)."""
+interval), and the breakdown of what the models get wrong (scripts/errors.py)."""
 
 from __future__ import annotations
 
@@ -98,23 +98,40 @@ def test_samples_and_the_chinese_page(qa_section):
     assert not ok_zh
 
 
-def test_qa_errors_sorts_each_answerable_answer(tmp_path):
-    qa_errors = script("qa_errors")
+def compare_file(folder: Path, before: list[str], after: list[str]) -> Path:
+    """A run folder whose eval/compare.json holds these answers before and after PPO."""
+    side = lambda answers: {"examples": [{"completion": a, "reward": 0.0} for a in answers]}  # noqa: E731
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "compare.json").write_text(json.dumps({"before": side(before), "after": side(after)}))
+    return folder
+
+
+def test_errors_sorts_each_answerable_qa_answer(tmp_path):
+    errors = script("errors")
     text = "Rollo led the Normans to Normandy in 911."
     prompt = f'Answer the question with a short span.\n\nText: {text}\n\nQuestion: q?'
     records = [{"prompt": prompt, "answers": ["Rollo"], "answerable": True},
                {"prompt": prompt, "answers": ["in 911"], "answerable": True},
                {"prompt": prompt, "answers": ["Rollo"], "answerable": True},
                {"prompt": prompt, "answers": ["unanswerable"], "answerable": False}]
-    assert qa_errors.paragraph(prompt) == text
-    side = lambda *answers: {"examples": [{"completion": a, "reward": 0.0} for a in answers]}  # noqa: E731
+    assert errors.paragraph(prompt) == text
     # SFT: " Rollo" exact; "911" against "in 911" F1 2/3 (partial); "Normandy" is in the text (a wrong span); the
     # unanswerable question is not counted. PPO: "Rollo" exact (unchanged once stripped), "the Normans" a wrong
     # span, "William" in no paragraph: two of the three answerable answers changed.
-    compare = {"before": side(" Rollo", "911", "Normandy", "x"), "after": side("Rollo", "the Normans", "William", "x")}
-    (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "compare.json").write_text(json.dumps(compare))
-    out = qa_errors.breakdown(tmp_path, records)
+    run = compare_file(tmp_path, [" Rollo", "911", "Normandy", "x"], ["Rollo", "the Normans", "William", "x"])
+    out = errors.breakdown(run, records)
     assert out["before"] == {"exact": 1, "partial": 1, "wrong_span": 1, "not_a_span": 0}
     assert out["after"] == {"exact": 1, "partial": 0, "wrong_span": 1, "not_a_span": 1, "changed_by_ppo": 2}
     assert "base" not in out
+
+
+def test_errors_counts_gold_label_against_answer_for_sentiment(tmp_path):
+    errors = script("errors")
+    records = [{"prompt": "p", "label": label} for label in ("negative", "negative", "positive", "positive")]
+    run = compare_file(tmp_path, ["positive", "Positive.", " positive", "maybe"],
+                       ["negative", "positive", "positive", "negative"])
+    out = errors.breakdown(run, records)
+    assert out["before"] == {"negative->positive": 2, "positive->other": 1, "positive->positive": 1}
+    # "Positive." -> "positive" is a change of text, so three of the four answers changed
+    assert out["after"] == {"negative->negative": 1, "negative->positive": 1, "positive->negative": 1,
+                            "positive->positive": 1, "changed_by_ppo": 3}
