@@ -104,12 +104,12 @@ WHAT = {
                                   "sentences), greedy answers.",
     "qa_smollm2": "SmolLM2-135M-Instruct reads a SQuAD 2.0 paragraph and a question inside an instruction and answers "
                   "with a span of the paragraph, or `unanswerable` for the questions the paragraph does not answer "
-                  "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, three epochs) imitates the shortest "
-                  "gold answer of {sft} answerable questions of three articles, then PPO, started from the SFT model, "
-                  "reads {train} others with a reward of token F1 with the gold answers (their unanswerable questions "
-                  "down-sampled to a quarter, so that always answering `unanswerable` does not pay). Held out: the "
-                  "{heldout} questions of the `Normans` article (its natural mix), greedy answers by the zero-shot "
-                  "model, the SFT model (*before*) and the PPO policy (*after*).",
+                  "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, three epochs) imitates the "
+                  "shortest gold answer of {sft} answerable questions of three articles, then PPO, started from the "
+                  "SFT model, reads {train} others with a reward of token F1 with the gold answers (their "
+                  "unanswerable questions down-sampled to a quarter, so that always answering `unanswerable` does not "
+                  "pay). Held out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers "
+                  "by the zero-shot model, the SFT model (*before*) and the PPO policy (*after*).",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
                                "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "
@@ -123,9 +123,9 @@ WHAT = {
                 "then trained from the SFT model on {pairs} preference pairs (Bradley-Terry, one epoch); PPO, started "
                 "from the SFT model, which is also its KL reference, answers the last human turn of {train} "
                 "conversations against that reward model. Held out from every stage: {heldout} conversations, whose "
-                "{pairs_heldout} pairs measure the reward model's accuracy; the first 200 of their prompts are answered "
-                "by the zero-shot model, the SFT (*before*) and the PPO (*after*) policy, sampled at temperature 1 and "
-                "scored by the reward model.",
+                "{pairs_heldout} pairs measure the reward model's accuracy; the first 200 of their prompts are "
+                "answered by the zero-shot model, the SFT (*before*) and the PPO (*after*) policy, sampled at "
+                "temperature 1 and scored by the reward model.",
     "sentiment_analysis": "The policy reads an SST-2 sentence and answers `positive` or `negative`. SFT on {sft} "
                           "labelled demonstrations teaches the format; PPO then learns from a reward of 1 for the "
                           "correct label on the other {train} training sentences. Held out: SST-2 `test_dev.jsonl` "
@@ -346,7 +346,8 @@ def section(app: str, runs: list[dict], images: str, zh: bool = False) -> tuple[
     lines += ["", t(f"PPO curve ({first['cap']}, seed {first['seed']}): ",
                     f"PPO 曲线（{first['cap']}，种子 {first['seed']}）：") +
               f"![{app}]({images}{app}-training.png)", ""]
-    lines += samples(first, zh=zh, good=None if app == "dialogue" else 0.0 if app.startswith("text_generation") else 1.0)
+    good = None if app == "dialogue" else 0.0 if app.startswith("text_generation") else 1.0  # a right answer's reward
+    lines += samples(first, zh=zh, good=good)
     (ROOT / "docs" / "results").mkdir(parents=True, exist_ok=True)
     if (first["dir"] / "ppo" / "training.png").exists():
         shutil.copy(first["dir"] / "ppo" / "training.png", ROOT / "docs" / "results" / f"{app}-training.png")
