@@ -284,3 +284,4 @@ def test_compare_reports_how_often_the_reward_prefers_the_after_model():
     assert share == pytest.approx(2.5 / 4)
     assert sem == pytest.approx(torch.tensor([1.0, 0.0, 0.5, 1.0]).std().item() / 2)
     assert preference(torch.tensor([])) == (0.0, 0.0)
+    assert preference(torch.tensor([1.0] * 13 + [-1.0] * 7))[0] == 0.65  # exact: not float32's 0.6499999762

@@ -233,7 +233,7 @@ def preference(diff: torch.Tensor) -> tuple[float, float]:
     its standard error."""
     if not len(diff):
         return 0.0, 0.0
-    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    wins = (diff > 0).double() + 0.5 * (diff == 0).double()  # float64: 130 of 200 is 0.65, not 0.6499999762
     return wins.mean().item(), (wins.std().item() / math.sqrt(len(wins)) if len(wins) > 1 else 0.0)
 
 
