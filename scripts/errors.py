@@ -44,12 +44,14 @@ def paragraph(prompt: str) -> str:
     return prompt.split("Text: ", 1)[-1].rsplit("\n\nQuestion:", 1)[0]
 
 
-def kind(record: dict, completion: str) -> str | None:
-    """The kind of one answer to a held-out record; None for a record that is not counted (an unanswerable
-    question)."""
+def counted(record: dict) -> bool:
+    """Whether answers to this held-out record are sorted: all but SQuAD 2.0's unanswerable questions."""
+    return record.get("answerable", True)
+
+
+def kind(record: dict, completion: str) -> str:
+    """The kind of one answer to a counted held-out record."""
     if "answers" in record:
-        if not record.get("answerable", True):
-            return None
         f1 = best_f1(completion, reference_list(record["answers"]))
         return qa_kind(completion, f1, paragraph(record["prompt"]))
     if "label" in record:
@@ -68,15 +70,13 @@ def breakdown(run: Path, records: list[dict]) -> dict[str, dict[str, int]]:
         if len(examples) != len(records):
             raise SystemExit(f"error: {run}/eval/compare.json: {len(examples)} {model} answers for "
                              f"{len(records)} held-out records")
-        kinds = Counter(kind(r, e["completion"]) for r, e in zip(records, examples))
-        kinds.pop(None, None)
-        out[model] = dict.fromkeys(QA_KINDS, 0) | dict(sorted(kinds.items())) if "answers" in records[0] else \
-            dict(sorted(kinds.items()))
+        kinds = Counter(kind(r, e["completion"]) for r, e in zip(records, examples) if counted(r))
+        zeros = dict.fromkeys(QA_KINDS, 0) if "answers" in records[0] else {}  # every QA kind, even when absent
+        out[model] = zeros | dict(sorted(kinds.items()))
     if "before" in out and "after" in out:  # how many of the counted answers PPO changed at all
         out["after"]["changed_by_ppo"] = sum(
             b["completion"].strip() != a["completion"].strip()
-            for r, b, a in zip(records, compare["before"]["examples"], compare["after"]["examples"])
-            if kind(r, b["completion"]) is not None)
+            for r, b, a in zip(records, compare["before"]["examples"], compare["after"]["examples"]) if counted(r))
     return out
 
 
