@@ -207,6 +207,38 @@ def test_pipeline_adds_its_reward_model_as_a_source_with_its_weight_and_reading(
                                                                  0.5, True)
 
 
+def test_pipeline_overrides_reach_one_stage_and_refuse_what_the_pipeline_wires(tiny_model_dir, tmp_path):
+    from ppo_lm.errors import ConfigError
+    from ppo_lm.pipeline import load_pipeline_config, plan, split_overrides
+
+    over = ["eval_limit=4", "ppo=other.yaml", "ppo.rollout.temperature=0.7", "ppo.ppo.lr=2e-4",
+            "sft.optim.epochs=3", "reward_model.optim.lr=1e-4", "seed=1", "ppo.train.seed=7"]
+    assert split_overrides(over) == (["eval_limit=4", "ppo=other.yaml", "seed=1"],
+                                     {"sft": ["optim.epochs=3"], "reward_model": ["optim.lr=1e-4"],
+                                      "ppo": ["rollout.temperature=0.7", "ppo.lr=2e-4", "train.seed=7"]})
+    path = write_pipeline(tmp_path, tiny_model_dir)
+    over.remove("ppo=other.yaml")
+    p = load_pipeline_config(str(path), over)
+    assert (p.eval_limit, p.seed, p.ppo) == (4, 1, str(tmp_path / "ppo.yaml"))
+    stages = plan(str(path), p, over)
+    ppo = stages["ppo"]
+    assert (ppo.rollout.temperature, ppo.ppo.lr, ppo.rollout.batch_size) == (0.7, 2e-4, 8)  # the rest from the file
+    assert (ppo.train.seed, stages["sft"].train.seed, stages["reward_model"].train.seed) == (7, 1, 1)  # stage wins
+    assert (stages["sft"].optim.epochs, stages["reward_model"].optim.lr) == (3, 1e-4)
+    assert ppo.model.name_or_path == str(tmp_path / "p" / "sft" / "final")
+    assert stages["eval"].rollout.temperature == 0.7  # the evaluation samples as PPO did
+    for bad, match in [("ppo.rollout.temperatur=0.7", r"command line: ppo\.rollout\.temperatur: unknown key"),
+                       ("ppo.ppo.lr=-1", r"command line: ppo\.ppo\.lr: "),
+                       ("sft.train.output_dir=x", r"sft\.train\.output_dir: the pipeline sets it to output_dir"),
+                       ("ppo.model.name_or_path=x", r"ppo\.model\.name_or_path: the pipeline starts PPO from")]:
+        with pytest.raises(ConfigError, match=match):
+            plan(str(path), load_pipeline_config(str(path), [bad]), [bad])
+    path.write_text(path.read_text().replace(f"sft: {tmp_path / 'sft.yaml'}\n", ""))
+    with pytest.raises(ConfigError, match=r"command line: sft\.optim\.epochs: this pipeline has no sft stage"):
+        plan(str(path), load_pipeline_config(str(path)), ["sft.optim.epochs=3"])
+    assert plan(str(path), load_pipeline_config(str(path)), ["ppo.model.name_or_path=" + str(tiny_model_dir)])
+
+
 def test_pipeline_config_errors_name_the_field_file_and_line(tmp_path):
     from ppo_lm.errors import ConfigError
     from ppo_lm.pipeline import load_pipeline_config

@@ -271,7 +271,8 @@ def _evaluation_commands(sub) -> None:
 
     pl = sub.add_parser("pipeline", help="SFT -> reward model -> PPO -> eval, skipping stages already done")
     pl.add_argument("config", help="pipeline YAML naming a config per stage")
-    pl.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/p2 eval_limit=32")
+    pl.add_argument("overrides", nargs="*", help="e.g. output_dir=runs/p2 eval_limit=32; a stage's config: "
+                                                  "ppo.rollout.temperature=0.7, sft.optim.epochs=2")
     pl.set_defaults(func=cmd_pipeline)
 
     pr = sub.add_parser("prepare", help="write a task's prompt files from the public data (qa, text_generation, ...)")

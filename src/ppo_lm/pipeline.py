@@ -23,6 +23,11 @@ eval_greedy: false                  # greedy decoding in the evaluation (true fo
 eval_base: true                     # with SFT, also evaluate the model SFT started from (SFT's gain apart from PPO's)
 seed: null                          # set train.seed of every stage (null = each stage config's own)
 ```
+
+On the command line, ``key=value`` overrides the pipeline config, and ``sft.KEY=VALUE``, ``reward_model.KEY=VALUE``
+or ``ppo.KEY=VALUE`` one stage's config (``ppo.rollout.temperature=0.7``; ``ppo.ppo.lr=2e-4`` is the PPO config's
+``ppo.lr``), so that a variant needs no copy of a file. The keys the pipeline wires itself (each stage's
+``train.output_dir``, PPO's ``train.resume`` and, after SFT, its ``model.name_or_path``) are refused.
 """
 
 from __future__ import annotations
@@ -72,6 +77,47 @@ class PipelineConfig:
     eval_base: bool = True
 
 
+STAGES = ("sft", "reward_model", "ppo")
+
+
+def split_overrides(overrides: list[str] | tuple[str, ...]) -> tuple[list[str], dict[str, list[str]]]:
+    """The pipeline config's own ``key=value`` overrides, and each stage's: ``ppo.rollout.temperature=0.7`` is
+    ``rollout.temperature=0.7`` for the PPO stage (``ppo=x.yaml``, with no dot in the key, names the stage's file)."""
+    own: list[str] = []
+    staged: dict[str, list[str]] = {stage: [] for stage in STAGES}
+    for item in overrides:
+        key = item.partition("=")[0]
+        stage, dot, rest = key.partition(".")
+        if dot and stage in staged:
+            staged[stage].append(item[len(stage) + 1:])
+        else:
+            own.append(item)
+    return own, staged
+
+
+_WIRED = {"train.output_dir": "the pipeline sets it to output_dir/<stage>",
+          "train.resume": "the pipeline always resumes its PPO stage",
+          "model.name_or_path": "the pipeline starts PPO from the SFT stage's model"}
+
+
+def _stage_overrides(stage: str, items: list[str], wired: tuple[str, ...]) -> list[str]:
+    for item in items:
+        key = item.partition("=")[0].strip()
+        if key in wired:
+            raise ConfigError(f"{stage}.{key}", _WIRED[key], "command line")
+    return items
+
+
+def _load_stage(stage: str, path: str, overrides: list[str], **kw):
+    """A stage's config; an error in one of its command-line overrides names the key as typed (``ppo.…``)."""
+    try:
+        return load_config(path, overrides, **kw)
+    except ConfigError as e:
+        if e.where and e.where.startswith("command line"):
+            raise ConfigError(f"{stage}.{e.field}", e.what, "command line") from None
+        raise
+
+
 def _stage_config(path: str | None, field: str, source: str):
     if path and not Path(path).is_file():
         raise ConfigError(field, f"no such file: {path}", source)
@@ -79,7 +125,8 @@ def _stage_config(path: str | None, field: str, source: str):
 
 
 def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> PipelineConfig:
-    p = read_config(PipelineConfig, config_path, overrides)
+    """The pipeline config with its own overrides (a stage's, ``ppo.KEY=VALUE``, are :func:`plan`'s)."""
+    p = read_config(PipelineConfig, config_path, split_overrides(overrides)[0])
     if not p.ppo:
         raise ConfigError("ppo", "the pipeline needs a PPO stage config", config_path)
     if p.task is not None:
@@ -103,9 +150,15 @@ def prepare_data(p: PipelineConfig, console) -> None:
     console.print(rf"\[data] {p.task} from {p.assets}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
 
 
-def plan(config_path: str, p: PipelineConfig) -> dict:
-    """Load and validate every stage's config, wired together; no model is loaded."""
+def plan(config_path: str, p: PipelineConfig, overrides: list[str] = ()) -> dict:
+    """Load and validate every stage's config, wired together, with the stage overrides among ``overrides``
+    (``ppo.KEY=VALUE``: :func:`split_overrides`); no model is loaded."""
     root = Path(p.output_dir)
+    staged = split_overrides(overrides)[1]
+    for stage, items in staged.items():
+        if items and not getattr(p, stage):
+            raise ConfigError(f"{stage}.{items[0].partition('=')[0]}", f"this pipeline has no {stage} stage",
+                              "command line")
     stages: dict = {"root": root, "pipeline": p}
     from .reward_model import RewardModelConfig
     from .sft import SFTConfig
@@ -113,17 +166,23 @@ def plan(config_path: str, p: PipelineConfig) -> dict:
     sft_final = root / "sft" / "final"
     seeded = [] if p.seed is None else [f"train.seed={p.seed}"]
     if _stage_config(p.sft, "sft", config_path):
-        stages["sft"] = load_config(p.sft, [f"train.output_dir={root / 'sft'}", *seeded], schema=SFTConfig)
+        over = [f"train.output_dir={root / 'sft'}", *seeded,
+                *_stage_overrides("sft", staged["sft"], ("train.output_dir",))]
+        stages["sft"] = _load_stage("sft", p.sft, over, schema=SFTConfig)
     policy = str(sft_final) if "sft" in stages else None
     if _stage_config(p.reward_model, "reward_model", config_path):
-        rm_over = [f"train.output_dir={root / 'reward_model'}", *seeded]
-        rm = load_config(p.reward_model, rm_over, schema=RewardModelConfig, check_paths=policy is None)
+        rm_over = [f"train.output_dir={root / 'reward_model'}", *seeded,
+                   *_stage_overrides("reward_model", staged["reward_model"], ("train.output_dir",))]
+        rm = _load_stage("reward_model", p.reward_model, rm_over, schema=RewardModelConfig,
+                         check_paths=policy is None)
         stages["reward_model"] = rm
     _stage_config(p.ppo, "ppo", config_path)
-    ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto", *seeded]
+    wired = ("train.output_dir", "train.resume", *(("model.name_or_path",) if policy else ()))
+    ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto", *seeded,
+                *_stage_overrides("ppo", staged["ppo"], wired)]
     if policy:
         ppo_over.append(f"model.name_or_path={policy}")
-    ppo = load_config(p.ppo, ppo_over, check_paths=policy is None, reward_given="reward_model" in stages)
+    ppo = _load_stage("ppo", p.ppo, ppo_over, check_paths=policy is None, reward_given="reward_model" in stages)
     if "reward_model" in stages:
         from .config import RewardSourceConfig
 
@@ -218,7 +277,7 @@ def run(config_path: str, overrides: list[str] = (), *, console=None) -> dict:
     if p.task and process.is_main_process:
         prepare_data(p, console)
     process.wait_for_everyone()
-    stages = plan(config_path, p)
+    stages = plan(config_path, p, overrides)
     check_models(stages)
     root: Path = stages["root"]
     summary: dict = {"seconds": {}}
