@@ -100,12 +100,15 @@ _WIRED = {"train.output_dir": "the pipeline sets it to output_dir/<stage>",
           "model.name_or_path": "the pipeline starts PPO from the SFT stage's model"}
 
 
-def _stage_overrides(stage: str, items: list[str], wired: tuple[str, ...]) -> list[str]:
-    for item in items:
+def _stage_overrides(stage: str, wired: list[str], seeded: list[str], user: list[str]) -> list[str]:
+    """A stage's overrides: what the pipeline wires, its seed, then the user's ``stage.KEY=VALUE`` (which beat the
+    seed); a user key that the pipeline wires is refused."""
+    keys = {item.partition("=")[0] for item in wired}
+    for item in user:
         key = item.partition("=")[0].strip()
-        if key in wired:
+        if key in keys:
             raise ConfigError(f"{stage}.{key}", _WIRED[key], "command line")
-    return items
+    return [*wired, *seeded, *user]
 
 
 def _load_stage(stage: str, path: str, overrides: list[str], **kw):
@@ -166,22 +169,20 @@ def plan(config_path: str, p: PipelineConfig, overrides: list[str] = ()) -> dict
     sft_final = root / "sft" / "final"
     seeded = [] if p.seed is None else [f"train.seed={p.seed}"]
     if _stage_config(p.sft, "sft", config_path):
-        over = [f"train.output_dir={root / 'sft'}", *seeded,
-                *_stage_overrides("sft", staged["sft"], ("train.output_dir",))]
+        over = _stage_overrides("sft", [f"train.output_dir={root / 'sft'}"], seeded, staged["sft"])
         stages["sft"] = _load_stage("sft", p.sft, over, schema=SFTConfig)
     policy = str(sft_final) if "sft" in stages else None
     if _stage_config(p.reward_model, "reward_model", config_path):
-        rm_over = [f"train.output_dir={root / 'reward_model'}", *seeded,
-                   *_stage_overrides("reward_model", staged["reward_model"], ("train.output_dir",))]
+        rm_over = _stage_overrides("reward_model", [f"train.output_dir={root / 'reward_model'}"], seeded,
+                                   staged["reward_model"])
         rm = _load_stage("reward_model", p.reward_model, rm_over, schema=RewardModelConfig,
                          check_paths=policy is None)
         stages["reward_model"] = rm
     _stage_config(p.ppo, "ppo", config_path)
-    wired = ("train.output_dir", "train.resume", *(("model.name_or_path",) if policy else ()))
-    ppo_over = [f"train.output_dir={root / 'ppo'}", "train.resume=auto", *seeded,
-                *_stage_overrides("ppo", staged["ppo"], wired)]
+    wired = [f"train.output_dir={root / 'ppo'}", "train.resume=auto"]
     if policy:
-        ppo_over.append(f"model.name_or_path={policy}")
+        wired.append(f"model.name_or_path={policy}")
+    ppo_over = _stage_overrides("ppo", wired, seeded, staged["ppo"])
     ppo = _load_stage("ppo", p.ppo, ppo_over, check_paths=policy is None, reward_given="reward_model" in stages)
     if "reward_model" in stages:
         from .config import RewardSourceConfig
