@@ -135,3 +135,39 @@ def test_errors_counts_gold_label_against_answer_for_sentiment(tmp_path):
     # "Positive." -> "positive" is a change of text, so three of the four answers changed
     assert out["after"] == {"negative->negative": 1, "negative->positive": 1, "positive->negative": 1,
                             "positive->positive": 1, "changed_by_ppo": 3}
+
+
+def write_compare(folder: Path, before: float, after: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "compare.json").write_text(json.dumps({"rows": [
+        {"metric": "answerable_f1", "before": before, "after": after, "change": after - before}]}))
+
+
+def test_gains_reads_each_run_and_gives_the_interval_and_the_paired_difference(tmp_path, capsys):
+    """Changes 0.1, 0.2, 0.3: mean 0.2, s = 0.1, t(0.975, 2) = 4.303, half-width 4.303 * 0.1 / sqrt(3) = 0.2484.
+    The other variant's changes 0.1, 0.1, 0.1 (zero spread); paired differences 0.0, 0.1, 0.2: the same interval."""
+    for seed, (before, after) in enumerate([(0.3, 0.4), (0.3, 0.5), (0.2, 0.5)]):
+        write_compare(tmp_path / "a" / f"seed{seed}", before, after)
+        write_compare(tmp_path / "b" / f"seed{seed}" / "eval", before, before + 0.1)  # a pipeline run's layout
+    (tmp_path / "a" / "seed0.log").write_text("not a run")  # files a glob also matches are not runs
+    gains = script("gains")
+    assert gains.main(["--metric", "answerable_f1", "--pair", "b", "a",
+                       f"a={tmp_path}/a/seed*", f"b={tmp_path}/b/seed*"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    a = out["variants"]["a"]
+    assert [round(r["change"], 6) for r in a["runs"]] == [0.1, 0.2, 0.3]
+    assert a["change_mean_95ci"] == pytest.approx([0.2, 0.2 - 0.2484, 0.2 + 0.2484], abs=1e-4)
+    assert out["variants"]["b"]["change_mean_95ci"] == pytest.approx([0.1, 0.1, 0.1], abs=1e-4)
+    assert out["paired_difference"]["per_run"] == pytest.approx([0.0, 0.1, 0.2])
+    assert out["paired_difference"]["mean_95ci"] == pytest.approx([0.1, 0.1 - 0.2484, 0.1 + 0.2484], abs=1e-4)
+
+
+def test_gains_names_what_is_missing(tmp_path):
+    gains = script("gains")
+    with pytest.raises(SystemExit, match="matches no folder"):
+        gains.main([f"a={tmp_path}/none*"])
+    write_compare(tmp_path / "run", 0.1, 0.2)
+    with pytest.raises(SystemExit, match="no metric 'f1'"):
+        gains.main(["--metric", "f1", f"a={tmp_path}/run"])
+    with pytest.raises(SystemExit, match="expected NAME=GLOB"):
+        gains.main([str(tmp_path / "run")])
