@@ -105,10 +105,10 @@ WHAT = {
     "qa_smollm2": "SmolLM2-135M-Instruct reads a SQuAD 2.0 paragraph and a question inside an instruction and answers "
                   "with a span of the paragraph, or `unanswerable` for the questions the paragraph does not answer "
                   "(SQuAD 2.0's impossible questions). Split by article: SFT (LoRA, three epochs) imitates the "
-                  "shortest gold answer of {sft} answerable questions of three articles, then PPO, started from the "
-                  "SFT model, reads {train} others with a reward of token F1 with the gold answers (their "
-                  "unanswerable questions down-sampled to a quarter, so that always answering `unanswerable` does not "
-                  "pay). Held out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers "
+                  "shortest gold answer of all {sft} answerable questions of three articles, then PPO, started from "
+                  "the SFT model, reads {train} questions of the same articles (those {sft} again, and unanswerable "
+                  "ones down-sampled to a quarter, so that always answering `unanswerable` does not pay) with a reward "
+                  "of token F1 with the gold answers. Held out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers "
                   "by the zero-shot model, the SFT model (*before*) and the PPO policy (*after*).",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
@@ -149,9 +149,10 @@ WHAT_ZH = {
                                   "PPO。奖励：标签词正确（按 SQuAD 规则归一化后完全匹配）得 1，否则得 0，在 {train} 个 "
                                   "SST-2 训练句子上。留出：SST-2 `test_dev.jsonl`（{heldout} 个句子），贪心回答。",
     "qa_smollm2": "SmolLM2-135M-Instruct 在指令中读一个 SQuAD 2.0 段落和一个问题，用段落中的一段文字回答；段落回答不了的问题"
-                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。按文章划分：SFT（LoRA，三个 epoch）模仿三篇文章中 "
-                  "{sft} 个可回答问题的最短标准答案，然后 PPO 从 SFT 模型出发，读另外 {train} 个问题，奖励是与标准答案的 "
-                  "token F1（其中不可回答的问题被下采样到四分之一，免得一律回答 `unanswerable` 有利可图）。"
+                  "（SQuAD 2.0 的不可回答问题）答 `unanswerable`。按文章划分：SFT（LoRA，三个 epoch）模仿三篇文章中全部 "
+                  "{sft} 个可回答问题的最短标准答案，然后 PPO 从 SFT 模型出发，读同样三篇文章的 {train} 个问题（这 {sft} "
+                  "个再读一遍，加上下采样到四分之一的不可回答问题，免得一律回答 `unanswerable` 有利可图），奖励是与"
+                  "标准答案的 token F1。"
                   "留出：`Normans` 一文的 {heldout} 个问题（保持原有比例），由零样本模型、SFT 模型（*之前*）和 PPO "
                   "策略（*之后*）贪心回答。",
     "text_generation_smollm2": "SmolLM2-135M-Instruct 把一篇 IMDB 影评的前八个词当作普通文本续写（不用聊天模板），"

@@ -195,7 +195,7 @@ def test_chat_model_sources_write_instructions_and_split_squad_by_article(fake_a
     assert row["prompt"].endswith("\n\nReview: " + row["prompt"].split("Review: ")[1]) and row["label"] in ("positive", "negative")
 
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
-    assert counts == {"sft.jsonl": 50, "train.jsonl": 50, "heldout.jsonl": 100}  # the Normans article is held out
+    assert counts == {"sft.jsonl": 100, "train.jsonl": 100, "heldout.jsonl": 100}  # the Normans article is held out
     read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
     assert read("sft.jsonl")[0]["response"] == "park"  # the shortest gold answer is the demonstration
     assert {r["article"] for r in read("heldout.jsonl")} == {"Normans"}
@@ -228,9 +228,10 @@ def test_squad_chat_demonstrates_spans_only_and_keeps_unanswerable_to_a_quarter_
     write_jsonl(fake_assets / "squad_v2_dev_subset" / "dev_subset.jsonl", rows)
     counts = tasks.prepare("qa", fake_assets, tmp_path / "qa", source="squad_chat")
     read = lambda f: [json.loads(x) for x in (tmp_path / "qa" / f).read_text().splitlines()]  # noqa: E731
-    assert counts == {"sft.jsonl": 20, "train.jsonl": 27, "heldout.jsonl": 2}  # 40 answerable, halved; 20 + 7
+    assert counts == {"sft.jsonl": 40, "train.jsonl": 53, "heldout.jsonl": 2}  # all 40 answerable in both; 40 + 13
     assert all(r["response"] == "c" for r in read("sft.jsonl"))  # no "unanswerable" demonstration
-    assert sum(not r["answerable"] for r in read("train.jsonl")) == 7  # round(20 / 3): 7 of 27, about a quarter
+    assert sum(not r["answerable"] for r in read("train.jsonl")) == 13  # round(40 / 3): 13 of 53, about a quarter
+    assert not {r["article"] for r in read("train.jsonl")} & {"Normans"}
 
 
 HUMAN = "\n\nHuman: {}\n\nAssistant: {}"
