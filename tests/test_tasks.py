@@ -1,6 +1,7 @@
 """The task registry: data recipes on small fake asset folders the tests write, hand-computed metrics, and a
 pipeline that prepares a task's data itself."""
 
+import dataclasses
 import json
 import random
 
@@ -209,6 +210,23 @@ def test_chat_model_sources_write_instructions_and_split_squad_by_article(fake_a
     prompts = {json.loads(x)["prompt"] for f in ("train.jsonl", "heldout.jsonl")
                for x in (tmp_path / "tg" / f).read_text().splitlines()}
     assert "Review 7 was a film I saw 7" in prompts and len(prompts) == 250  # eight words, <br /> read as a space
+
+
+def test_files_an_older_recipe_wrote_are_not_taken_for_prepared(fake_assets, tmp_path, monkeypatch):
+    """With the assets at hand, prepared() builds the records again and compares their digest with the manifest's:
+    a recipe that changed (here: one record more) or a manifest written before digests makes the files stale."""
+    out = tmp_path / "qa"
+    tasks.prepare("qa", fake_assets, out, source="squad_chat")
+    assert tasks.prepared(out, "qa", "squad_chat", assets=fake_assets)
+    recipe = tasks.TASKS["qa"]
+    one_more = lambda assets, source: {k: v + [{"prompt": "new"}] for k, v in recipe.build(assets, source).items()}  # noqa: E731
+    monkeypatch.setitem(tasks.TASKS, "qa", dataclasses.replace(recipe, build=one_more))
+    assert not tasks.prepared(out, "qa", "squad_chat", assets=fake_assets)
+    assert tasks.prepared(out, "qa", "squad_chat")  # without the assets, the files are trusted
+    monkeypatch.setitem(tasks.TASKS, "qa", recipe)
+    manifest = json.loads((out / tasks.MANIFEST).read_text())
+    (out / tasks.MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "digest"}))
+    assert not tasks.prepared(out, "qa", "squad_chat", assets=fake_assets)  # written before digests were kept
 
 
 def test_squad_2_metrics_split_answerable_and_unanswerable_by_hand():

@@ -5,7 +5,7 @@ PPO policy (and the reward model's starting point unless that config names its o
 added to the PPO reward sources. Each stage writes under ``output_dir/<stage>`` and is skipped when its
 ``summary.json`` (or, for PPO, ``final/``) already exists; an interrupted PPO stage resumes from its newest
 checkpoint. Every stage config is loaded and validated before the first model is. With ``task``, the task's
-files are first written to ``data_dir`` from the public data in ``assets`` (skipped when they exist).
+files are first written to ``data_dir`` from the public data in ``assets`` (skipped when the same are there).
 
 ```yaml
 output_dir: runs/pipeline
@@ -143,10 +143,12 @@ def load_pipeline_config(config_path: str, overrides: list[str] = ()) -> Pipelin
 
 
 def prepare_data(p: PipelineConfig, console) -> None:
-    """Write the task's files unless they are all there already (data only; no model is loaded)."""
+    """Write the task's files unless they are there already, as the recipe makes them from ``assets`` now (when the
+    assets folder is not there, files already written are trusted); data only, no model is loaded."""
     from . import tasks
 
-    if tasks.prepared(p.data_dir, p.task, p.source):
+    check = p.assets if Path(p.assets).expanduser().is_dir() else None
+    if tasks.prepared(p.data_dir, p.task, p.source, assets=check):
         console.print(rf"\[data] skipped: {p.data_dir} has the {p.task} files")
         return
     counts = tasks.prepare(p.task, p.assets, p.data_dir, source=p.source, fields=("assets", "source"))

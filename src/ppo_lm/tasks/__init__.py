@@ -15,6 +15,7 @@ metric when the config says ``task: NAME``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -58,8 +59,19 @@ def get(name: str, field: str = "task") -> Task:
     return TASKS[name]
 
 
-#: Written last by :func:`prepare`: which task and source the files are, so stale files are not reused.
+#: Written last by :func:`prepare`: which task and source the files are, and a digest of their records, so that
+#: stale files are not reused (files of another task or source, or written by an older recipe).
 MANIFEST = "PREPARED.json"
+
+
+def digest(files: dict[str, list[dict]]) -> str:
+    """A SHA-256 of the records of every file, as :func:`prepare` writes them."""
+    h = hashlib.sha256()
+    for fname in sorted(files):
+        h.update(fname.encode() + b"\0")
+        for r in files[fname]:
+            h.update(json.dumps(r, ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
 
 
 def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | None = None,
@@ -88,18 +100,24 @@ def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | Non
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         tmp.replace(out / fname)
     counts = {fname: len(records) for fname, records in files.items()}
-    (out / MANIFEST).write_text(json.dumps({"task": name, "source": source, "records": counts}) + "\n")
+    (out / MANIFEST).write_text(json.dumps({"task": name, "source": source, "records": counts,
+                                            "digest": digest(files)}) + "\n")
     return counts
 
 
-def prepared(out: str | Path, name: str, source: str | None) -> bool:
-    """Whether ``out`` holds complete files of this task and source (as :func:`prepare` leaves them)."""
+def prepared(out: str | Path, name: str, source: str | None, assets: str | Path | None = None) -> bool:
+    """Whether ``out`` holds complete files of this task and source (as :func:`prepare` leaves them). With
+    ``assets``, also whether they are what the recipe makes from those assets now: the records are built again (data
+    only, well under a second) and their digest compared, so that files an older recipe wrote are not reused."""
     try:
         manifest = json.loads((Path(out) / MANIFEST).read_text())
     except (OSError, ValueError):
         return False
-    return (manifest.get("task") == name and manifest.get("source") == (source or get(name).sources[0])
-            and all((Path(out) / f).is_file() for f in manifest.get("records", {})))
+    source = source or get(name).sources[0]
+    if not (manifest.get("task") == name and manifest.get("source") == source
+            and all((Path(out) / f).is_file() for f in manifest.get("records", {}))):
+        return False
+    return assets is None or manifest.get("digest") == digest(get(name).build(Path(assets).expanduser(), source))
 
 
 def read_jsonl(path: Path) -> list[dict]:
