@@ -108,8 +108,9 @@ WHAT = {
                   "shortest gold answer of all {sft} answerable questions of three articles, then PPO, started from "
                   "the SFT model, reads {train} questions of the same articles (those {sft} again, and unanswerable "
                   "ones down-sampled to a quarter, so that always answering `unanswerable` does not pay) with a reward "
-                  "of token F1 with the gold answers. Held out: the {heldout} questions of the `Normans` article (its natural mix), greedy answers "
-                  "by the zero-shot model, the SFT model (*before*) and the PPO policy (*after*).",
+                  "of token F1 with the gold answers. Held out: the {heldout} questions of the `Normans` article (its "
+                  "natural mix), greedy answers by the zero-shot model, the SFT model (*before*) and the PPO policy "
+                  "(*after*).",
     "text_generation_smollm2": "SmolLM2-135M-Instruct continues the first eight words of an IMDB review as plain text "
                                "(no chat template), steered toward a positive tone. The pipeline first trains a reward "
                                "model with the same backbone on SST-2 (pointwise, LoRA, one epoch); PPO's only reward "

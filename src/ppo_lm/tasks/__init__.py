@@ -64,13 +64,17 @@ def get(name: str, field: str = "task") -> Task:
 MANIFEST = "PREPARED.json"
 
 
-def digest(files: dict[str, list[dict]]) -> str:
-    """A SHA-256 of the records of every file, as :func:`prepare` writes them."""
+def serialise(files: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Each file's lines as :func:`prepare` writes them: one JSON record a line."""
+    return {fname: [json.dumps(r, ensure_ascii=False) + "\n" for r in records] for fname, records in files.items()}
+
+
+def digest(lines: dict[str, list[str]]) -> str:
+    """A SHA-256 of every file's lines (what :func:`serialise` gives and :func:`prepare` writes)."""
     h = hashlib.sha256()
-    for fname in sorted(files):
+    for fname in sorted(lines):
         h.update(fname.encode() + b"\0")
-        for r in files[fname]:
-            h.update(json.dumps(r, ensure_ascii=False).encode() + b"\n")
+        h.update("".join(lines[fname]).encode())
     return h.hexdigest()
 
 
@@ -94,14 +98,15 @@ def prepare(name: str, assets: str | Path, out: str | Path, *, source: str | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # until the new one is written, the folder counts as unprepared
-    for fname, records in files.items():
+    lines = serialise(files)
+    for fname, text in lines.items():
         tmp = out / f".{fname}.tmp-{os.getpid()}"
         with tmp.open("w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.writelines(text)
         tmp.replace(out / fname)
-    counts = {fname: len(records) for fname, records in files.items()}
+    counts = {fname: len(text) for fname, text in lines.items()}
     (out / MANIFEST).write_text(json.dumps({"task": name, "source": source, "records": counts,
-                                            "digest": digest(files)}) + "\n")
+                                            "digest": digest(lines)}) + "\n")
     return counts
 
 
@@ -117,7 +122,8 @@ def prepared(out: str | Path, name: str, source: str | None, assets: str | Path 
     if not (manifest.get("task") == name and manifest.get("source") == source
             and all((Path(out) / f).is_file() for f in manifest.get("records", {}))):
         return False
-    return assets is None or manifest.get("digest") == digest(get(name).build(Path(assets).expanduser(), source))
+    return assets is None or manifest.get("digest") == digest(serialise(get(name).build(Path(assets).expanduser(),
+                                                                                  source)))
 
 
 def read_jsonl(path: Path) -> list[dict]:
